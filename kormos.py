@@ -129,7 +129,7 @@ def pack_weights(variables):
     """
     if not variables:
         return np.zeros((0,), dtype=np.float64)
-    parts = [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+    parts = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in variables]
     return np.concatenate([p.astype(np.float64).ravel() for p in parts])
 
 
@@ -258,10 +258,11 @@ def _make_data(
         return _make_dataset_data(model, x, class_weight, steps, argname)
     if x is None:
         raise ValueError(f"`{argname}` is required. Received: {argname}=None")
-    x = _to_tensors(x, "x")
-    y = None if y is None else _to_tensors(y, "y")
+    dtype = model.compute_dtype
+    x = _to_tensors(x, "x", dtype)
+    y = None if y is None else _to_tensors(y, "y", dtype)
     if sample_weight is not None:
-        sample_weight = _to_tensors(sample_weight, "sample_weight")
+        sample_weight = _to_tensors(sample_weight, "sample_weight", dtype)
     size = _check_lengths(x, y, sample_weight, argname)
     if class_weight is not None:
         sample_weight = _apply_class_weight(y, sample_weight, class_weight)
@@ -284,26 +285,33 @@ def _check_batch_size(batch_size):
         )
 
 
-def _to_tensors(data, name):
-    """Converts a nest of array-likes to tensors, rejecting string data."""
+def _to_tensors(data, name, dtype):
+    """Converts a nest of array-likes to tensors, rejecting string data.
+
+    Floating-point arrays are cast to the model's compute `dtype` once here,
+    rather than at every evaluation.
+    """
 
     def convert(leaf):
         if hasattr(leaf, "to_numpy"):  # pandas
             leaf = leaf.to_numpy()
         array = leaf if tf.is_tensor(leaf) else np.asarray(leaf)
-        dtype = tf.as_dtype(array.dtype) if tf.is_tensor(array) else None
-        if (dtype == tf.string) or (
-            not tf.is_tensor(array) and array.dtype.kind in "OUS"
-        ):
+        is_text = (
+            array.dtype == tf.string
+            if tf.is_tensor(array)
+            else array.dtype.kind in "OUS"
+        )
+        if is_text:
             raise ValueError(
                 f"`{name}` must hold numbers; strings and objects cannot be "
                 f"fed to a model. Encode them first (e.g. with "
                 f"keras.layers.StringLookup). Received: {name} of dtype "
                 f"{array.dtype}"
             )
-        if not tf.is_tensor(array) and array.dtype == np.float64:
-            array = array.astype(keras.backend.floatx())
-        return tf.convert_to_tensor(array)
+        tensor = tf.convert_to_tensor(array)
+        if tensor.dtype.is_floating and tensor.dtype != dtype:
+            tensor = tf.cast(tensor, dtype)
+        return tensor
 
     if isinstance(data, dict):
         return {k: convert(v) for k, v in data.items()}
@@ -364,7 +372,7 @@ def _class_weights_for(labels, class_weight):
             "`class_weight` must be a dict mapping class indices to weights. "
             f"Received: class_weight={class_weight!r}"
         )
-    table = np.ones(max(class_weight) + 1, dtype=keras.backend.floatx())
+    table = np.ones(max(class_weight) + 1, dtype=np.float64)
     for label, weight in class_weight.items():
         table[int(label)] = weight
     if labels.shape.rank is not None and labels.shape.rank > 1 and (
@@ -405,7 +413,7 @@ def _make_dataset_data(model, dataset, class_weight, steps, argname):
     return _Data(dataset=dataset.map(normalize), size=None)
 
 
-def _split_validation(x, y, sample_weight, validation_split):
+def _split_validation(model, x, y, sample_weight, validation_split):
     """Holds out the last `validation_split` fraction of array inputs."""
     if not 0.0 < validation_split < 1.0:
         raise ValueError(
@@ -417,9 +425,10 @@ def _split_validation(x, y, sample_weight, validation_split):
             "`validation_split` is only supported for array inputs, not for a "
             "`tf.data.Dataset`. Pass `validation_data` instead."
         )
-    x = _to_tensors(x, "x")
-    y = None if y is None else _to_tensors(y, "y")
-    sw = None if sample_weight is None else _to_tensors(sample_weight, "sample_weight")
+    x, y, sw = (
+        None if part is None else _to_tensors(part, name, model.compute_dtype)
+        for part, name in ((x, "x"), (y, "y"), (sample_weight, "sample_weight"))
+    )
     size = _check_lengths(x, y, sw, "x")
     split = int(math.floor(size * (1.0 - validation_split)))
     if split == 0 or split == size:
@@ -1501,7 +1510,7 @@ class _BatchOptimizedMixin:
         validation = None
         if validation_split and validation_data is None:
             (x, y, sample_weight), validation_data = _split_validation(
-                x, y, sample_weight, validation_split
+                self, x, y, sample_weight, validation_split
             )
         data = _make_data(
             self, x, y, sample_weight, batch_size, class_weight, steps_per_epoch
@@ -1736,11 +1745,12 @@ def _is_functional_call(args, kwargs):
 def _functional_class():
     """Returns Keras' Functional model class.
 
-    It is not public API: `keras.Model(inputs, outputs)` returns an instance of
-    it, so we take its type rather than import `keras.src`.
+    It is not public API: `keras.Model.__new__` returns a (not yet
+    initialized) instance of it for functional arguments, so we take its type
+    rather than import `keras.src`. Building a real model here would fix the
+    global dtype policy at import and break `keras.config.set_floatx()`.
     """
-    tensor = keras.Input(shape=(1,))
-    return type(keras.Model(inputs=tensor, outputs=tensor))
+    return type(keras.Model.__new__(keras.Model, None, None))
 
 
 _Functional = _functional_class()

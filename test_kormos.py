@@ -1,0 +1,458 @@
+"""Tests for kormos.py. Run: python -m pytest -q test_kormos.py"""
+
+import contextlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.optimize  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kormos  # noqa: E402
+
+GRADIENT_METHODS = [
+    "L-BFGS-B",
+    "BFGS",
+    "CG",
+    "Newton-CG",
+    "trust-ncg",
+    "trust-krylov",
+    "trust-constr",
+    "trust-exact",
+    "dogleg",
+    "TNC",
+    "SLSQP",
+]
+TIGHT = {
+    "l-bfgs-b": {"gtol": 1e-12, "ftol": 1e-15},
+    "bfgs": {"gtol": 1e-10},
+    "cg": {"gtol": 1e-10},
+    "newton-cg": {"xtol": 1e-12},
+    "trust-ncg": {"gtol": 1e-10},
+    "trust-krylov": {"gtol": 1e-10},
+    "trust-constr": {"gtol": 1e-12, "xtol": 1e-14},
+    "trust-exact": {"gtol": 1e-10},
+    "dogleg": {"gtol": 1e-10},
+    "tnc": {"gtol": 1e-12, "ftol": 1e-15, "xtol": 1e-15},
+    "slsqp": {"ftol": 1e-15},
+}
+
+
+@contextlib.contextmanager
+def floatx(dtype):
+    """Builds layers in `dtype` inside the block, then restores float32."""
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+@pytest.fixture
+def float64():
+    """Runs the whole test in float64: Keras casts compiled losses to floatx()."""
+    with floatx("float64"):
+        yield
+
+
+def regression_data(n=200, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    w = rng.normal(size=d)
+    y = x @ w + 0.5 + 0.1 * rng.normal(size=n)
+    return x, y[:, None]
+
+
+def linear_model(d=5, l2=1e-2, cls=kormos.BatchOptimizedSequentialModel, **kw):
+    return cls(
+        [
+            keras.Input((d,)),
+            keras.layers.Dense(
+                1, kernel_regularizer=keras.regularizers.L2(l2) if l2 else None, **kw
+            ),
+        ]
+    )
+
+
+def ridge_solution(x, y, l2):
+    """Closed form of mean((x w + b - y)^2) + l2 |w|^2 (float32-rounded l2)."""
+    n, d = x.shape
+    lam = float(np.float32(l2))  # Keras casts the regularizer factor via float32
+    a = np.hstack([x, np.ones((n, 1))])
+    h = 2 * a.T @ a / n + 2 * lam * np.diag([1.0] * d + [0.0])
+    return np.linalg.solve(h, 2 * a.T @ y[:, 0] / n)
+
+
+def fit_quietly(model, *args, **kwargs):
+    kwargs.setdefault("verbose", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.fit(*args, **kwargs)
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+# =============================================================================
+# Metadata
+# =============================================================================
+
+
+def test_version():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", kormos.__version__)
+
+
+def test_all_public_names_in___all__():
+    public = {
+        name
+        for name, value in vars(kormos).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", "kormos") == "kormos"
+        and (callable(value) or isinstance(value, tuple))
+    }
+    assert public <= set(kormos.__all__)
+    assert all(hasattr(kormos, name) for name in kormos.__all__)
+
+
+def test_no_private_imports():
+    text = Path(kormos.__file__).read_text()
+    assert "keras.src" not in text.replace('"keras.src"', "").replace(
+        "`keras.src`", ""
+    )
+    assert "tensorflow.python" not in text
+    assert "scipy.optimize._" not in text
+
+
+def test_seed_compatibility_names():
+    from kormos.models import BatchOptimizedSequentialModel
+
+    assert BatchOptimizedSequentialModel is kormos.BatchOptimizedSequentialModel
+    assert kormos.models.BatchOptimizedModel is kormos.BatchOptimizedModel
+    assert kormos.optimizers.ScipyBatchOptimizer is kormos.ScipyBatchOptimizer
+    assert kormos.optimizers.BatchOptimizer is kormos.BatchOptimizer
+    assert kormos.optimizers.get is kormos.get
+
+
+# =============================================================================
+# Weight packing
+# =============================================================================
+
+
+def test_pack_unpack_round_trip():
+    model = linear_model(d=3)
+    variables = model.trainable_variables
+    x = kormos.pack_weights(variables)
+    assert x.dtype == np.float64 and x.shape == (4,)
+    kormos.unpack_weights(np.arange(4.0), variables)
+    np.testing.assert_array_equal(variables[0].numpy().ravel(), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(variables[1].numpy(), [3.0])
+    np.testing.assert_array_equal(kormos.pack_weights(variables), np.arange(4.0))
+
+
+def test_unpack_rejects_wrong_size_and_leaves_weights():
+    model = linear_model(d=3)
+    before = weights_of(model)
+    with pytest.raises(ValueError, match=r"size 4.*x.shape=\(5,\)"):
+        kormos.unpack_weights(np.zeros(5), model.trainable_variables)
+    for a, b in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+# =============================================================================
+# Identifiers
+# =============================================================================
+
+
+@pytest.mark.parametrize("name", ["l-bfgs-b", "L-BFGS-B", "Newton-CG", "tnc", "SLSQP"])
+def test_get_accepts_method_names_in_any_case(name):
+    optimizer = kormos.get(name)
+    assert isinstance(optimizer, kormos.ScipyBatchOptimizer)
+    assert optimizer.method == name.lower()
+
+
+def test_get_scipy_and_instances():
+    assert kormos.get("scipy").method == "l-bfgs-b"
+    optimizer = kormos.ScipyBatchOptimizer(method="cg")
+    assert kormos.get(optimizer) is optimizer
+
+
+def test_get_unknown_lists_valid_names():
+    with pytest.raises(ValueError, match="l-bfgs-b.*newton-cg.*Received: identifier='lbfgs'"):
+        kormos.get("lbfgs")
+
+
+# =============================================================================
+# The full-data objective, its gradient and Hessian-vector products
+# =============================================================================
+
+
+def mlp_problem(n=64, batch_size=None, l1=0.0):
+    """A small tanh MLP with L2 (and optionally L1) regularization, bound."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 3))
+    y = np.sin(x.sum(axis=1, keepdims=True))
+    model = kormos.BatchOptimizedSequentialModel(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(
+                4,
+                activation="tanh",
+                kernel_regularizer=keras.regularizers.L1L2(l1, 1e-3),
+            ),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    optimizer = model.optimizer.build(model, x, y, batch_size=batch_size)
+    return model, optimizer, x, y
+
+
+def finite_difference_gradient(f, x, eps):
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        e = np.zeros_like(x)
+        e[i] = eps
+        g[i] = (f(x + e) - f(x - e)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)])
+def test_gradient_matches_finite_differences(dtype, eps, rtol):
+    with floatx(dtype):
+        _, optimizer, _, _ = mlp_problem()
+        x0 = optimizer.get_weights()
+        _, g = optimizer.func_and_grad(x0)
+        fd = finite_difference_gradient(optimizer.func, x0, eps)
+    np.testing.assert_allclose(g, fd, rtol=rtol, atol=rtol * np.abs(fd).max())
+
+
+@pytest.mark.parametrize("dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)])
+def test_hessp_matches_finite_differences_of_gradient(dtype, eps, rtol):
+    with floatx(dtype):
+        _, optimizer, _, _ = mlp_problem()
+        x0 = optimizer.get_weights()
+        v = np.random.default_rng(2).normal(size=x0.size)
+        hv = optimizer.hessp(x0, v)
+        fd = (optimizer.grad(x0 + eps * v) - optimizer.grad(x0 - eps * v)) / (2 * eps)
+    np.testing.assert_allclose(hv, fd, rtol=rtol, atol=rtol * np.abs(fd).max())
+    assert optimizer.hessp_evals == 1
+
+
+def test_objective_equals_evaluate_and_ignores_batch_size(float64):
+    model, optimizer, x, y = mlp_problem(n=70, l1=1e-3)
+    x0 = optimizer.get_weights()
+    f_full = optimizer.func(x0)
+    reported = model.evaluate(x, y, batch_size=70, verbose=0)
+    np.testing.assert_allclose(f_full, reported, rtol=1e-6)
+    for batch_size in (16, 33):
+        ragged = model.optimizer.build(model, x, y, batch_size=batch_size)
+        np.testing.assert_allclose(ragged.func(x0), f_full, rtol=1e-12)
+        np.testing.assert_allclose(
+            ragged.grad(x0), optimizer.grad(x0), rtol=1e-10, atol=1e-14
+        )
+
+
+def test_evaluations_are_cached_and_counted():
+    _, optimizer, _, _ = mlp_problem()
+    x0 = optimizer.get_weights()
+    optimizer.func_and_grad(x0)
+    optimizer.func(x0)
+    optimizer.grad(x0)
+    assert optimizer.fg_evals == 1
+    optimizer.func(x0 + 1.0)
+    assert optimizer.fg_evals == 2
+
+
+def test_set_weights_rejects_wrong_size():
+    _, optimizer, _, _ = mlp_problem()
+    with pytest.raises(ValueError, match="flat vector of size 21"):
+        optimizer.set_weights(np.zeros(3))
+
+
+# =============================================================================
+# Solvers reach known optima
+# =============================================================================
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_every_gradient_method_reaches_least_squares_optimum(method, float64):
+    x, y = regression_data()
+    model = linear_model(l2=1e-2)
+    model.compile(loss="mse", optimizer=method)
+    history = fit_quietly(model, x, y, epochs=200, options=TIGHT[method.lower()])
+    solution = ridge_solution(x, y, 1e-2)
+    np.testing.assert_allclose(model.optimizer.get_weights(), solution, rtol=1e-6)
+    assert len(history.history["loss"]) >= 1
+    assert {"loss", "grad", "fg_evals", "hessp_evals"} <= set(history.history)
+
+
+def test_l2_logistic_regression_matches_scikit_learn(float64):
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    n, c = len(y), 1.0
+    # sklearn minimizes C * sum(logloss) + |w|^2 / 2 ==  mean logloss + |w|^2/(2 C n)
+    l2 = float(np.float32(1.0 / (2 * c * n)))
+    reference = LogisticRegression(C=1.0 / (2 * l2 * n), tol=1e-12, max_iter=10000)
+    reference.fit(x, y)
+    model = kormos.BatchOptimizedSequentialModel(
+        [
+            keras.Input((x.shape[1],)),
+            keras.layers.Dense(
+                1, activation="sigmoid", kernel_regularizer=keras.regularizers.L2(l2)
+            ),
+        ]
+    )
+    model.compile(loss="binary_crossentropy", optimizer="l-bfgs-b")
+    fit_quietly(model, x, y[:, None], epochs=500, options=TIGHT["l-bfgs-b"])
+    coef = model.optimizer.get_weights()
+    expected = np.concatenate([reference.coef_.ravel(), reference.intercept_])
+    np.testing.assert_allclose(coef, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+# =============================================================================
+# The 2022 README examples
+# =============================================================================
+
+
+def readme_regression_data(rank=50):
+    np.random.seed(1)
+    w = np.random.normal(size=rank)
+    X = np.random.normal(size=(1000, rank))
+    y = np.expand_dims(X.dot(w), axis=1)
+    Xval = np.random.normal(size=(1000, rank))
+    yval = np.expand_dims(Xval.dot(w), axis=1)
+    return w, X, y, Xval, yval
+
+
+def test_readme_sequential_lbfgs_example_reproduces_its_table():
+    rank = 50
+    w, X, y, Xval, yval = readme_regression_data(rank)
+    model = kormos.models.BatchOptimizedSequentialModel()
+    model.add(
+        keras.layers.Dense(
+            units=1,
+            input_shape=(rank,),
+            activation=None,
+            use_bias=False,
+            kernel_regularizer=keras.regularizers.L2(1e-3),
+            kernel_initializer="ones",
+        )
+    )
+    loss = keras.losses.MeanSquaredError()
+    model.compile(loss=loss, optimizer="l-bfgs-b", metrics=["mean_absolute_error"])
+    with pytest.warns(scipy.optimize.OptimizeWarning, match="maxcors"):
+        history = model.fit(
+            x=X, y=y, epochs=10, validation_data=(Xval, yval),
+            options={"maxcors": 3}, verbose=0,
+        )
+    best_fit_weights = np.reshape(model.trainable_weights[0].numpy(), (1, -1))
+    assert np.allclose(best_fit_weights, w, 1e-2)
+    h = history.history
+    # The 2022 table: loss 79.121972 at the first iteration, 0.046990 at the end.
+    np.testing.assert_allclose(h["loss"][0], 79.121972, rtol=1e-5)
+    np.testing.assert_allclose(h["grad"][0], 17.946233, rtol=1e-5)
+    np.testing.assert_allclose(h["loss"][-1], 0.046990, atol=5e-7)
+    np.testing.assert_allclose(h["val_loss"][-1], 0.046992, atol=5e-7)
+    assert h["fg_evals"][:3] == [2, 3, 4]
+    assert set(h) == {
+        "loss", "grad", "fg_evals", "hessp_evals", "mean_absolute_error",
+        "val_loss", "val_mean_absolute_error",
+    }
+
+    # Recompile with Adam: same weights, plain Keras training.
+    before = weights_of(model)
+    model.compile(loss=model.loss, optimizer="adam", metrics=["mean_absolute_error"])
+    np.testing.assert_array_equal(before[0], weights_of(model)[0])
+    model.set_weights([np.random.random(size=(rank, 1))])
+    history = model.fit(x=X, y=y, epochs=2, validation_data=(Xval, yval), verbose=0)
+    assert set(history.history) == {
+        "loss", "mean_absolute_error", "val_loss", "val_mean_absolute_error"
+    }
+
+
+def test_readme_functional_newton_cg_example():
+    rank = 50
+    w, X, y, Xval, yval = readme_regression_data(rank)
+    model_input = keras.Input(shape=(rank,), name="input")
+    model_output = keras.layers.Dense(
+        units=1,
+        input_shape=(rank,),
+        activation=None,
+        use_bias=False,
+        kernel_regularizer=keras.regularizers.L2(1e-3),
+        kernel_initializer="ones",
+    )(model_input)
+    model = kormos.models.BatchOptimizedModel(inputs=model_input, outputs=model_output)
+    loss = keras.losses.MeanSquaredError()
+    model.compile(loss=loss, optimizer="newton-cg", metrics=["mean_absolute_error"])
+    history = model.fit(x=X, y=y, epochs=10, validation_data=(Xval, yval), verbose=0)
+    best_fit_weights = np.reshape(model.trainable_weights[0].numpy(), (1, -1))
+    assert np.allclose(best_fit_weights, w, 1e-2)
+    assert isinstance(model, kormos.BatchOptimizedModel)
+    assert history.history["hessp_evals"][-1] > 0
+    assert history.history["grad"][-1] < 1e-4
+
+
+def matrix_factorization_model(rank, num_users, num_items, **kwargs):
+    # The 2022 README's build_model, unchanged.
+    inputs = [
+        keras.Input(shape=(1,), name="user", dtype=tf.int32),
+        keras.Input(shape=(1,), name="item", dtype=tf.int32),
+    ]
+    user_embedding = keras.layers.Embedding(
+        input_dim=(num_users + 1),
+        output_dim=rank,
+        mask_zero=True,
+        embeddings_initializer="normal",
+        embeddings_regularizer=keras.regularizers.L2(1e-5),
+        name="user_embedding",
+    )
+    item_embedding = keras.layers.Embedding(
+        input_dim=(num_items + 1),
+        output_dim=rank,
+        mask_zero=True,
+        embeddings_initializer="normal",
+        embeddings_regularizer=keras.regularizers.L2(1e-5),
+        name="item_embedding",
+    )
+    features = [user_embedding(inputs[0]), item_embedding(inputs[1])]
+    output = keras.layers.Dot(axes=2, normalize=False)(features)
+    return kormos.models.BatchOptimizedModel(inputs=inputs, outputs=output, **kwargs)
+
+
+def test_readme_matrix_factorization_example_aligns_targets():
+    rng = np.random.default_rng(0)
+    num_users, num_items, n = 30, 40, 600
+    x = np.stack([rng.integers(1, num_users + 1, n), rng.integers(1, num_items + 1, n)], 1)
+    y = rng.random(n)  # shape (n,) against an output of shape (n, 1, 1)
+    model = matrix_factorization_model(3, num_users, num_items)
+    model.compile(loss=tf.keras.losses.MeanSquaredError(), optimizer="l-bfgs-b")
+    history = model.fit(
+        x=(x[:500, 0], x[:500, 1]), y=y[:500], batch_size=2**7, epochs=5, verbose=0,
+        validation_data=((x[500:, 0], x[500:, 1]), y[500:]),
+    )
+    # The loss is the per-rating MSE, not a broadcast (n, 1, n) one.
+    pred = model.predict((x[:500, 0], x[:500, 1]), verbose=0).reshape(-1)
+    reg = sum(float(l) for l in model.losses)
+    np.testing.assert_allclose(
+        history.history["loss"][-1], np.mean((pred - y[:500]) ** 2) + reg, rtol=1e-5
+    )
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert "val_loss" in history.history
