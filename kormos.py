@@ -457,7 +457,7 @@ def _align_targets(y, y_pred):
             tf.nest.assert_same_structure(y, y_pred, check_types=False)
         except (ValueError, TypeError):
             return y
-        return tf.nest.map_structure(_align_target, y, y_pred)
+        return tf.nest.map_structure(_align_target, y, y_pred, check_types=False)
     return _align_target(y, y_pred)
 
 

@@ -456,3 +456,408 @@ def test_readme_matrix_factorization_example_aligns_targets():
     )
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert "val_loss" in history.history
+
+
+# =============================================================================
+# Model classes, compile and recompile
+# =============================================================================
+
+
+def test_functional_and_subclassing_api_in_one_process():
+    inputs = keras.Input((5,))
+    functional = kormos.BatchOptimizedModel(inputs, keras.layers.Dense(1)(inputs))
+
+    class Subclassed(kormos.BatchOptimizedModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    subclassed = Subclassed()
+    x, y = regression_data()
+    for model in (functional, subclassed):
+        assert isinstance(model, kormos.BatchOptimizedModel)
+        model.compile(loss="mse", optimizer="l-bfgs-b")
+        history = fit_quietly(model, x, y, epochs=5)
+        assert history.history["loss"][-1] < history.history["loss"][0]
+    assert isinstance(linear_model(), kormos.BatchOptimizedModel)
+
+
+def test_model_overriding_compute_loss_trains_on_that_loss(float64):
+    class MeanAbsolute(kormos.BatchOptimizedSequentialModel):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return keras.ops.mean(keras.ops.abs(y_pred - y))
+
+    x, y = regression_data(n=101)
+    model = MeanAbsolute([keras.Input((5,)), keras.layers.Dense(1)])
+    model.compile(optimizer="powell")
+    fit_quietly(model, x, y, epochs=50, options={"xtol": 1e-10, "ftol": 1e-12})
+    w = model.optimizer.get_weights()
+    residual = x @ w[:5] + w[5] - y[:, 0]
+    assert np.mean(np.abs(residual)) < 0.1
+    # The L1 fit passes through data points: its median residual is ~0.
+    assert abs(np.median(residual)) < 1e-3
+
+
+def test_recompile_switches_between_adam_and_lbfgs_keeping_weights():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="adam")
+    adam_history = model.fit(x, y, epochs=2, verbose=0)
+    assert "grad" not in adam_history.history
+    after_adam = weights_of(model)
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    for a, b in zip(after_adam, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+    lbfgs_history = fit_quietly(model, x, y, epochs=20)
+    assert lbfgs_history.history["loss"][-1] < adam_history.history["loss"][-1]
+    model.compile(loss="mse", optimizer=keras.optimizers.SGD(1e-3))
+    history = model.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        history.history["loss"][0], lbfgs_history.history["loss"][-1], rtol=0.05
+    )
+
+
+def test_adam_path_matches_plain_keras():
+    x, y = regression_data()
+    histories = []
+    for cls in (keras.Sequential, kormos.BatchOptimizedSequentialModel):
+        keras.utils.set_random_seed(3)
+        model = cls([keras.Input((5,)), keras.layers.Dense(1)])
+        model.compile(loss="mse", optimizer="adam")
+        histories.append(model.fit(x, y, epochs=3, verbose=0, shuffle=False).history)
+    np.testing.assert_allclose(histories[0]["loss"], histories[1]["loss"], rtol=1e-4)
+
+
+# =============================================================================
+# Data: tf.data, several inputs and outputs, weights
+# =============================================================================
+
+
+def two_in_two_out_model():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([a, b])
+    out1 = keras.layers.Dense(1, name="out1")(h)
+    out2 = keras.layers.Dense(1, name="out2", kernel_regularizer="l2")(h)
+    return kormos.BatchOptimizedModel(inputs=[a, b], outputs=[out1, out2])
+
+
+def two_in_two_out_data(n=90):
+    rng = np.random.default_rng(4)
+    xa, xb = rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+    y1 = xa.sum(1, keepdims=True)
+    y2 = (xb**2).sum(1, keepdims=True)
+    return xa, xb, y1, y2, rng.random(n)
+
+
+@pytest.mark.parametrize("loss_weights", [[1.0, 0.25], {"out1": 1.0, "out2": 0.25}])
+def test_multi_input_multi_output_objective_equals_evaluate(loss_weights, float64):
+    xa, xb, y1, y2, sw = two_in_two_out_data()
+    model = two_in_two_out_model()
+    model.compile(loss=["mse", "mae"], loss_weights=loss_weights, optimizer="bfgs")
+    history = fit_quietly(
+        model, [xa, xb], [y1, y2], sample_weight=sw, epochs=3, batch_size=32
+    )
+    reported = model.evaluate([xa, xb], [y1, y2], sample_weight=sw, batch_size=32,
+                              verbose=0, return_dict=True)
+    np.testing.assert_allclose(history.history["loss"][-1], reported["loss"], rtol=1e-6)
+
+
+def test_dict_inputs_and_dataset_inputs_give_the_same_objective(float64):
+    xa, xb, y1, y2, sw = two_in_two_out_data()
+    losses = []
+    for make in (
+        lambda: ({"a": xa, "b": xb}, (y1, y2), sw),
+        lambda: (tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, (y1, y2), sw)).batch(25),),
+    ):
+        keras.utils.set_random_seed(5)
+        model = two_in_two_out_model()
+        model.compile(loss="mse", optimizer="l-bfgs-b")
+        args = make()
+        if len(args) == 3:
+            history = fit_quietly(model, args[0], args[1], sample_weight=args[2],
+                                  epochs=4, batch_size=25)
+        else:
+            history = fit_quietly(model, args[0], epochs=4)
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-10)
+
+
+def test_class_weight_equals_the_matching_sample_weight(float64):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(120, 4))
+    labels = (x[:, 0] + 0.3 * rng.normal(size=120) > 0.4).astype(int)
+    class_weight = {0: 1.0, 1: 3.0}
+    histories = []
+    for kwargs in (
+        {"class_weight": class_weight},
+        {"sample_weight": np.where(labels == 1, 3.0, 1.0)},
+    ):
+        keras.utils.set_random_seed(7)
+        model = kormos.BatchOptimizedSequentialModel(
+            [keras.Input((4,)), keras.layers.Dense(2, activation="softmax")]
+        )
+        model.compile(loss="categorical_crossentropy", optimizer="l-bfgs-b")
+        one_hot = keras.utils.to_categorical(labels, 2)
+        histories.append(fit_quietly(model, x, one_hot, epochs=5, **kwargs).history)
+    np.testing.assert_allclose(histories[0]["loss"], histories[1]["loss"], rtol=1e-12)
+
+
+# =============================================================================
+# Callbacks, progress, metrics, validation
+# =============================================================================
+
+STOP_METHODS = ["L-BFGS-B", "TNC", "Newton-CG", "trust-constr", "SLSQP", "Nelder-Mead", "COBYLA"]
+
+
+@pytest.mark.parametrize("method", STOP_METHODS)
+def test_stop_training_ends_the_solver_after_that_iteration(method):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer=method)
+
+    def stop_at_third(epoch, logs):
+        if epoch == 2:
+            model.stop_training = True
+
+    history = fit_quietly(
+        model, x, y, epochs=50,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=stop_at_third)],
+    )
+    assert len(history.history["loss"]) == 3
+    assert model.optimizer.results[-1].status == 99
+
+
+def test_early_stopping_stops_the_solver():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="cg")
+    stopper = keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=1)
+    history = fit_quietly(model, x, y, epochs=50, callbacks=[stopper])
+    assert len(history.history["loss"]) == 2
+    assert stopper.stopped_epoch == 1
+
+
+def test_model_holds_the_iterate_during_on_epoch_end(float64):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    seen = []
+
+    def check(epoch, logs):
+        seen.append((logs["loss"], model.evaluate(x, y, batch_size=200, verbose=0)))
+
+    fit_quietly(model, x, y, epochs=6, callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=check)])
+    assert len(seen) >= 3
+    for logged, evaluated in seen:
+        np.testing.assert_allclose(logged, evaluated, rtol=1e-8)
+
+
+def test_training_metrics_in_every_row_without_extra_passes(float64):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae", keras.metrics.RootMeanSquaredError()])
+    history = fit_quietly(model, x, y, epochs=8)
+    h = history.history
+    assert len(h["mae"]) == len(h["loss"]) == len(h["root_mean_squared_error"])
+    reported = model.evaluate(x, y, batch_size=200, verbose=0, return_dict=True)
+    np.testing.assert_allclose(h["mae"][-1], reported["mae"], rtol=1e-8)
+    np.testing.assert_allclose(
+        h["root_mean_squared_error"][-1], reported["root_mean_squared_error"], rtol=1e-8
+    )
+    # Every evaluation is one the solver asked for: no extra pass for metrics.
+    assert model.optimizer.fg_evals == model.optimizer.results[-1].nfev
+    assert h["fg_evals"][-1] == model.optimizer.fg_evals
+
+
+def test_validation_split_freq_and_batch_size(float64):
+    x, y = regression_data(n=100)
+    model = linear_model()
+    model.compile(loss="mse", optimizer="cg", metrics=["mae"])
+    history = fit_quietly(
+        model, x, y, epochs=6, validation_split=0.2, validation_freq=2,
+        validation_batch_size=7, options={"gtol": 1e-14},
+    )
+    h = history.history
+    assert len(h["loss"]) == 6 and len(h["val_loss"]) == 3
+    held_out = model.evaluate(x[80:], y[80:], verbose=0, return_dict=True)
+    np.testing.assert_allclose(h["val_loss"][-1], held_out["loss"], rtol=1e-8)
+    np.testing.assert_allclose(h["val_mae"][-1], held_out["mae"], rtol=1e-8)
+    trained_on = model.evaluate(x[:80], y[:80], verbose=0, return_dict=True)["loss"]
+    np.testing.assert_allclose(h["loss"][-1], trained_on, rtol=1e-8)
+
+
+def test_initial_epoch_counts_like_keras():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="cg")
+    epochs = []
+    callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: epochs.append(e))
+    history = fit_quietly(model, x, y, epochs=5, initial_epoch=2, callbacks=[callback],
+                          options={"gtol": 1e-14})
+    assert epochs == [2, 3, 4]
+    assert len(history.history["loss"]) == 3
+
+
+def test_checkpoint_csvlogger_tensorboard_and_lr_callbacks(tmp_path):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="bfgs")
+    csv = tmp_path / "log.csv"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(tmp_path / "best.keras", monitor="loss", save_best_only=True),
+        keras.callbacks.CSVLogger(csv),
+        keras.callbacks.TensorBoard(tmp_path / "tb"),
+    ]
+    with pytest.warns(UserWarning, match="ReduceLROnPlateau adjusts a learning rate"):
+        history = model.fit(
+            x, y, epochs=5, verbose=0,
+            callbacks=callbacks + [keras.callbacks.ReduceLROnPlateau(monitor="loss")],
+        )
+    rows = csv.read_text().strip().splitlines()
+    assert len(rows) == 1 + len(history.history["loss"])
+    assert rows[0].split(",")[:3] == ["epoch", "fg_evals", "grad"]
+    restored = keras.models.load_model(tmp_path / "best.keras")
+    np.testing.assert_allclose(restored.evaluate(x, y, verbose=0), min(history.history["loss"]), rtol=1e-5)
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+
+
+def test_progress_display_by_verbosity(capsys):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
+    fit_quietly(model, x, y, epochs=4, verbose=0)
+    assert capsys.readouterr().out == ""
+    fit_quietly(model, x, y, epochs=4, verbose=2, validation_data=(x, y))
+    out = capsys.readouterr().out
+    assert out.count("Epoch ") == len(re.findall(r"- loss: ", out)) >= 1
+    assert "grad:" in out and "fg_evals:" in out and "val_loss:" in out
+    model.set_weights([w * 0 for w in model.get_weights()])
+    fit_quietly(model, x, y, epochs=4, verbose=1)
+    out = capsys.readouterr().out
+    assert "/4" in out and "iteration" in out and "grad:" in out
+
+
+def test_keyboard_interrupt_returns_history_and_keeps_last_iterate(tmp_path):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    iterates = []
+
+    def interrupt(epoch, logs):
+        iterates.append(model.optimizer.get_weights())
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    csv = tmp_path / "log.csv"
+    history = fit_quietly(
+        model, x, y, epochs=20,
+        callbacks=[keras.callbacks.CSVLogger(csv),
+                   keras.callbacks.LambdaCallback(on_epoch_end=interrupt)],
+    )
+    assert len(history.history["loss"]) == 2
+    np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
+    assert "KeyboardInterrupt" in model.optimizer.results[-1].message
+    assert csv.read_text().count("\n") == 4  # header + 3 rows, file closed
+
+
+def test_callback_exception_propagates_and_keeps_last_iterate():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="bfgs")
+    iterates = []
+
+    def fail(epoch, logs):
+        iterates.append(model.optimizer.get_weights())
+        if epoch == 1:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_quietly(model, x, y, epochs=20,
+                    callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=fail)])
+    np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
+
+
+# =============================================================================
+# Chaining, saving, tuning
+# =============================================================================
+
+
+def test_method_chain_with_pretrain_fn_freezing_a_layer():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(100, 3))
+    y = np.tanh(x @ [[1.0], [-2.0], [0.5]])
+    model = kormos.BatchOptimizedSequentialModel(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    snapshots = {}
+
+    def freeze_first(m):
+        m.layers[0].trainable = False
+        snapshots["first"] = m.layers[0].get_weights()[0].copy()
+
+    history = fit_quietly(
+        model, x, y, method=["l-bfgs-b", "newton-cg"], epochs=[4, 3],
+        pretrain_fn=[None, freeze_first],
+    )
+    assert len(history.history["loss"]) == 7
+    assert len(model.optimizer.results) == 2
+    np.testing.assert_array_equal(model.layers[0].get_weights()[0], snapshots["first"])
+    assert history.history["hessp_evals"][-1] > 0
+    assert history.history["fg_evals"] == sorted(history.history["fg_evals"])
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_save_and_load_round_trip_keeps_batch_compile(functional, tmp_path):
+    x, y = regression_data()
+    if functional:
+        inputs = keras.Input((5,))
+        model = kormos.BatchOptimizedModel(inputs, keras.layers.Dense(1)(inputs))
+    else:
+        model = linear_model()
+    model.compile(
+        loss="mse", metrics=["mae"],
+        optimizer=kormos.ScipyBatchOptimizer(method="bfgs", options={"gtol": 1e-9}),
+    )
+    fit_quietly(model, x, y, epochs=3)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded) is type(model)
+    assert isinstance(loaded.optimizer, kormos.ScipyBatchOptimizer)
+    assert loaded.optimizer.method == "bfgs" and loaded.optimizer.options == {"gtol": 1e-9}
+    for a, b in zip(weights_of(model), weights_of(loaded)):
+        np.testing.assert_array_equal(a, b)
+    history = fit_quietly(loaded, x, y, epochs=3)
+    assert {"loss", "grad", "mae"} <= set(history.history)
+
+
+def test_optimizer_config_round_trip():
+    optimizer = kormos.ScipyBatchOptimizer(method="TNC", options={"maxfun": 7}, tol=1e-3)
+    clone = kormos.ScipyBatchOptimizer.from_config(optimizer.get_config())
+    assert clone.get_config() == optimizer.get_config()
+    assert clone.method == "tnc" and clone.tol == 1e-3
+
+
+def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
+    keras_tuner = pytest.importorskip("keras_tuner")
+    x, y = regression_data(n=120)
+
+    def build(hp):
+        model = linear_model(l2=hp.Choice("l2", [1e-4, 10.0]))
+        method = hp.Choice("method", ["l-bfgs-b", "cg"])
+        model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(method=method))
+        return model
+
+    tuner = keras_tuner.RandomSearch(
+        build, objective="val_loss", max_trials=4, seed=1,
+        directory=tmp_path, project_name="kormos",
+    )
+    tuner.search(x[:90], y[:90], epochs=10, validation_data=(x[90:], y[90:]), verbose=0)
+    best = tuner.get_best_hyperparameters(1)[0]
+    assert best.get("l2") == 1e-4
+    trials = tuner.oracle.get_best_trials(4)
+    scores = [t.score for t in trials]
+    assert scores == sorted(scores) and len(scores) >= 2
