@@ -1453,6 +1453,11 @@ class _BatchOptimizedMixin:
 
     def fit(self, *args, **kwargs):
         """Trains the model; see `_fit_batch` for the full-batch arguments."""
+        if not getattr(self, "compiled", False):
+            raise ValueError(
+                "You must call `compile()` before `fit()`, e.g. "
+                "`model.compile(loss='mse', optimizer='l-bfgs-b')`."
+            )
         if isinstance(self.optimizer, BatchOptimizer):
             return self._fit_batch(*args, **kwargs)
         return super().fit(*args, **kwargs)

@@ -861,3 +861,173 @@ def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
     trials = tuner.oracle.get_best_trials(4)
     scores = [t.score for t in trials]
     assert scores == sorted(scores) and len(scores) >= 2
+
+
+# =============================================================================
+# Bad input: a clear error before the weights are touched
+# =============================================================================
+
+X5, Y5 = regression_data(n=40)
+BAD_INPUTS = [
+    # (what is wrong, fit kwargs or "compile", exception, message pattern)
+    ("unknown method in fit", {"method": "lbfgs"}, ValueError, "method.*Valid names.*Received: method='lbfgs'"),
+    ("options not a dict", {"options": [("maxiter", 3)]}, TypeError, "`options` must be a dict"),
+    ("chain lists of different lengths", {"method": ["cg", "bfgs"], "epochs": [3]}, ValueError, "same length.*method has 2, epochs has 1"),
+    ("bounds of the wrong length", {"bounds": [(0, 1)] * 3}, ValueError, "one \\(low, high\\) pair per weight: 6"),
+    ("bounds for a method that ignores them", {"method": "bfgs", "bounds": [(0, 1)] * 6}, ValueError, "'bfgs' ignores `bounds`"),
+    ("constraints for a method that ignores them", {"constraints": [{"type": "eq", "fun": np.sum}]}, ValueError, "'l-bfgs-b' ignores `constraints`"),
+    ("empty data", {"x": X5[:0], "y": Y5[:0]}, ValueError, "training data is empty"),
+    ("x and y of different lengths", {"y": Y5[:30]}, ValueError, "same number of samples.*x: \\[40\\], y: \\[30\\]"),
+    ("string targets", {"y": np.array(["a"] * 40)}, ValueError, "`y` must hold numbers"),
+    ("dataset of the wrong structure", {"x": tf.data.Dataset.from_tensor_slices((X5, Y5, Y5, Y5)).batch(8), "y": None}, ValueError, "tuple of 4 elements"),
+    ("epochs <= 0", {"epochs": 0}, ValueError, "`epochs` must be a positive integer"),
+    ("batch_size <= 0", {"batch_size": 0}, ValueError, "`batch_size` must be a positive integer.*batch_size=0"),
+    ("non-finite loss at the start", {"y": np.full((40, 1), np.nan)}, ValueError, "not finite"),
+    ("y that would broadcast against the output", {"y": np.ones((40, 3))}, ValueError, "would silently broadcast"),
+    ("dense-matrix method on a model too large", {"method": "bfgs", "max_dense_params": 4}, ValueError, "dense 6 x 6.*max_dense_params"),
+    ("validation_split on a dataset", {"x": tf.data.Dataset.from_tensor_slices((X5, Y5)).batch(8), "y": None, "validation_split": 0.5}, ValueError, "only supported for array inputs"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_before_weights_change(case):
+    _, kwargs, error, pattern = case
+    kwargs = dict(kwargs)
+    model = linear_model()
+    max_dense = kwargs.pop("max_dense_params", 5000)
+    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(max_dense_params=max_dense))
+    before = weights_of(model)
+    fit_kwargs = {"x": X5, "y": Y5, "epochs": 3, "verbose": 0, **kwargs}
+    with pytest.raises(error, match=pattern):
+        model.fit(**fit_kwargs)
+    for a, b in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_optimizer_in_compile_lists_choices():
+    model = linear_model()
+    with pytest.raises(ValueError, match="Unknown optimizer 'lbfgs'.*l-bfgs-b"):
+        model.compile(loss="mse", optimizer="lbfgs")
+
+
+def test_fit_before_compile_and_model_without_trainable_weights():
+    model = linear_model()
+    with pytest.raises(ValueError, match="call `compile\\(\\)` before `fit\\(\\)`"):
+        model.fit(X5, Y5)
+    model.trainable = False
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    with pytest.raises(ValueError, match="no trainable weights"):
+        model.fit(X5, Y5, verbose=0)
+
+
+def test_trust_exact_refuses_large_models_with_the_memory_needed():
+    model = kormos.BatchOptimizedSequentialModel([keras.Input((80,)), keras.layers.Dense(80)])
+    model.compile(loss="mse", optimizer="trust-exact")
+    with pytest.raises(ValueError, match=r"dense 6480 x 6480.*about 1\.3 GB"):
+        model.fit(np.ones((4, 80)), np.ones((4, 80)), verbose=0)
+
+
+def test_weights_without_gradient_path_warn_and_stay_fixed():
+    inputs = keras.Input((5,))
+    unused = keras.layers.Dense(2, name="unused")
+    unused.build((None, 5))
+    model = kormos.BatchOptimizedModel(inputs, keras.layers.Dense(1)(inputs))
+    model.unused = unused  # tracked, trainable, not on the path to the loss
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    before = unused.get_weights()
+    with pytest.warns(UserWarning, match="no gradient path.*unused/kernel"):
+        model.fit(X5, Y5, epochs=3, verbose=0)
+    np.testing.assert_array_equal(unused.get_weights()[0], before[0])
+
+
+def test_non_finite_loss_mid_run_keeps_last_finite_iterate(float64):
+    class Walled(kormos.BatchOptimizedSequentialModel):
+        """(w - 10)^2, undefined (NaN) beyond w = 5: the solver runs into the wall."""
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            w = self.trainable_variables[0][0, 0]
+            wall = keras.ops.where(w > 5.0, np.nan, 0.0)
+            return (w - 10.0) ** 2 + wall
+
+    model = Walled([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    model.compile(optimizer="l-bfgs-b")
+    iterates = []
+    callback = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: iterates.append(model.optimizer.get_weights())
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        history = model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=20, verbose=0, callbacks=[callback])
+    w = model.optimizer.get_weights()
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert w[0] <= 5.0
+    np.testing.assert_array_equal(w, iterates[-1] if iterates else [0.0])
+    assert "not finite" in model.optimizer.results[-1].message
+
+
+def test_dropout_and_batchnorm_objective_is_deterministic(float64):
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(64, 4)), rng.normal(size=(64, 1))
+    model = kormos.BatchOptimizedSequentialModel(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.5),
+            keras.layers.GaussianNoise(1.0),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    moving = [w.numpy().copy() for w in model.non_trainable_weights]
+    history = fit_quietly(model, x, y, epochs=15)
+    optimizer = model.optimizer
+    x_final = optimizer.get_weights()
+    first = optimizer.func(x_final)
+    optimizer._cache.clear()
+    assert optimizer.func(x_final) == first
+    np.testing.assert_allclose(first, model.evaluate(x, y, batch_size=64, verbose=0), rtol=1e-10)
+    assert len(history.history["loss"]) == 15  # no line-search failure on noise
+    for before, after in zip(moving, model.non_trainable_weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+# =============================================================================
+# Properties (hypothesis)
+# =============================================================================
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape_list=st.lists(shapes, min_size=1, max_size=4),
+    dtype=st.sampled_from(["float32", "float64", "float16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_pack_unpack_round_trip_property(shape_list, dtype, seed):
+    rng = np.random.default_rng(seed)
+    variables = [
+        keras.Variable(rng.normal(size=s).astype(dtype), dtype=dtype) for s in shape_list
+    ]
+    x = kormos.pack_weights(variables)
+    assert x.dtype == np.float64
+    assert x.size == sum(int(np.prod(s)) for s in shape_list)
+    new = rng.normal(size=x.size).astype(dtype).astype(np.float64)
+    kormos.unpack_weights(new, variables)
+    np.testing.assert_array_equal(kormos.pack_weights(variables), new)
+    with pytest.raises(ValueError, match="flat vector"):
+        kormos.unpack_weights(np.zeros(x.size + 1), variables)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch_size=st.integers(1, 40), n=st.integers(5, 40))
+def test_objective_is_independent_of_batch_size_property(batch_size, n):
+    with floatx("float64"):
+        model, full, x, y = mlp_problem(n=n)
+        x0 = full.get_weights()
+        batched = kormos.ScipyBatchOptimizer().build(model, x, y, batch_size=batch_size)
+        np.testing.assert_allclose(batched.func(x0), full.func(x0), rtol=1e-12)
+        np.testing.assert_allclose(batched.grad(x0), full.grad(x0), rtol=1e-9, atol=1e-13)
