@@ -1031,3 +1031,118 @@ def test_objective_is_independent_of_batch_size_property(batch_size, n):
         batched = kormos.ScipyBatchOptimizer().build(model, x, y, batch_size=batch_size)
         np.testing.assert_allclose(batched.func(x0), full.func(x0), rtol=1e-12)
         np.testing.assert_allclose(batched.grad(x0), full.grad(x0), rtol=1e-9, atol=1e-13)
+
+
+# =============================================================================
+# Bounds, exact Hessians, physics-informed losses, custom minimizers
+# =============================================================================
+
+
+def nonnegative_factorization_model(num_users=20, num_items=30, rank=3):
+    user, item = keras.Input((1,), dtype="int32"), keras.Input((1,), dtype="int32")
+    embed = dict(embeddings_initializer=keras.initializers.RandomUniform(0, 1),
+                 embeddings_constraint=keras.constraints.NonNeg())
+    u = keras.layers.Embedding(num_users, rank, name="users", **embed)(user)
+    v = keras.layers.Embedding(num_items, rank, name="items", **embed)(item)
+    out = keras.layers.Flatten()(keras.layers.Dot(axes=2)([u, v]))
+    return kormos.BatchOptimizedModel([user, item], out)
+
+
+def test_nonneg_constraints_become_bounds_for_nonnegative_factorization(float64):
+    rng = np.random.default_rng(10)
+    w, h = rng.random((20, 3)), rng.random((30, 3))
+    users, items = np.meshgrid(np.arange(20), np.arange(30), indexing="ij")
+    users, items = users.ravel(), items.ravel()
+    ratings = (w @ h.T)[users, items] - 0.3  # some targets want negative factors
+    model = nonnegative_factorization_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    history = fit_quietly(model, (users, items), ratings[:, None], epochs=100)
+    x = model.optimizer.get_weights()
+    assert x.min() == 0.0  # active bounds: unconstrained L-BFGS would go negative
+    assert history.history["loss"][-1] < 0.05 * history.history["loss"][0]
+    assert model.optimizer.results[-1].success
+
+
+def test_bounds_by_path_suffix_bounds_object_and_ambiguity(float64):
+    x, y = regression_data()
+    model = kormos.BatchOptimizedSequentialModel(
+        [keras.Input((5,)), keras.layers.Dense(3), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    suffix = "/".join(model.layers[1].kernel.path.split("/")[-2:])  # "dense_1/kernel"
+    fit_quietly(model, x, y, epochs=30, bounds={suffix: (-0.1, 0.1)})
+    assert np.abs(model.layers[1].kernel.numpy()).max() <= 0.1 + 1e-12
+    assert np.abs(model.layers[0].kernel.numpy()).max() > 0.1
+    with pytest.raises(ValueError, match="'kernel' is ambiguous"):
+        fit_quietly(model, x, y, epochs=3, bounds={"kernel": (0, 1)})
+    with pytest.raises(ValueError, match="matches no trainable variable"):
+        fit_quietly(model, x, y, epochs=3, bounds={"nope/kernel": (0, 1)})
+    n = model.optimizer.get_weights().size
+    fit_quietly(model, x, y, epochs=30, method="tnc",
+                bounds=scipy.optimize.Bounds(np.full(n, -0.05), np.full(n, 0.05)))
+    assert np.abs(model.optimizer.get_weights()).max() <= 0.05 + 1e-12
+
+
+def test_non_box_constraint_warns():
+    model = kormos.BatchOptimizedSequentialModel(
+        [keras.Input((5,)), keras.layers.Dense(1, kernel_constraint=keras.constraints.MaxNorm(1.0))]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    with pytest.warns(UserWarning, match="MaxNorm on .*kernel is not a box"):
+        model.fit(X5, Y5, epochs=2, verbose=0)
+
+
+def test_dense_hessian_is_exact_for_least_squares(float64):
+    x, y = regression_data(n=50, d=3)
+    model = linear_model(d=3, l2=0.1)
+    model.compile(loss="mse", optimizer="dogleg")
+    optimizer = model.optimizer.build(model, x, y)
+    n = len(x)
+    a = np.hstack([x, np.ones((n, 1))])
+    expected = 2 * a.T @ a / n + 2 * float(np.float32(0.1)) * np.diag([1.0, 1, 1, 0])
+    np.testing.assert_allclose(optimizer.hess(optimizer.get_weights()), expected, rtol=1e-10)
+
+
+def test_custom_minimizer_callable_receives_callback_and_options(float64):
+    calls = {}
+
+    def gradient_descent(fun, x0, args=(), jac=None, callback=None, maxiter=100, lr=0.1, **kwargs):
+        calls.update(maxiter=maxiter, lr=lr)
+        x = x0.copy()
+        for _ in range(maxiter):
+            x = x - lr * jac(x)
+            callback(scipy.optimize.OptimizeResult(x=x, fun=fun(x)))
+        return scipy.optimize.OptimizeResult(x=x, fun=fun(x), success=True, nit=maxiter, message="done")
+
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(method=gradient_descent))
+    history = fit_quietly(model, x, y, epochs=30, options={"lr": 0.2})
+    assert calls == {"maxiter": 30, "lr": 0.2}
+    assert len(history.history["loss"]) == 30
+    assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
+
+
+class DecayODE(kormos.BatchOptimizedSequentialModel):
+    """u' = -u on [0, 2] with u(0) = 1, i.e. u = exp(-t), as a PINN residual."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        t = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            u = self(t, training=False)
+        du = tape.gradient(u, t)
+        u0 = self(tf.zeros((1, 1), t.dtype), training=False)
+        return tf.reduce_mean((du + u) ** 2) + tf.reduce_sum((u0 - 1.0) ** 2)
+
+
+def test_physics_informed_ode_adam_then_lbfgs(float64):
+    t = np.linspace(0, 2, 64)[:, None]
+    model = DecayODE([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    model.fit(t, epochs=100, batch_size=64, verbose=0)
+    model.compile(optimizer="l-bfgs-b")
+    history = fit_quietly(model, t, epochs=300, options={"gtol": 1e-12, "ftol": 1e-15})
+    error = np.abs(model.predict(t, verbose=0) - np.exp(-t)).max()
+    assert history.history["loss"][-1] < 1e-7
+    assert error < 1e-3
