@@ -220,6 +220,29 @@ class _Data:
             return batch
         raise ValueError("The training dataset is empty: it yields no batch.")
 
+    def distributed(self, strategy):
+        """Returns this data as a dataset distributed over `strategy`'s replicas.
+
+        Distributed datasets cannot hold `None`, so absent parts (no targets,
+        no sample weights) are dropped here and put back by `with_nones`.
+        """
+        present = tuple(p is not None for p in self.first_batch())
+        if self.dataset is None:
+            parts = tuple(p for p in self.tensors if p is not None)
+            dataset = tf.data.Dataset.from_tensor_slices(parts).batch(self.batch_size)
+        else:
+            dataset = self.dataset.map(
+                lambda *p: tuple(q for q, keep in zip(p, present) if keep)
+            )
+        data = _Data(dataset=strategy.experimental_distribute_dataset(dataset))
+        data.present = present
+        return data
+
+    def with_nones(self, parts):
+        """Puts `None` back where `distributed()` dropped absent parts."""
+        parts = iter(parts)
+        return tuple(next(parts) if keep else None for keep in self.present)
+
     def as_fit_inputs(self):
         """Returns `(x, y, sample_weight)` or a dataset, as `evaluate()` takes."""
         if self.tensors is not None:
@@ -518,95 +541,142 @@ class _Objective:
     `evaluate()` reports it), its flat float64 gradient, and the compiled
     metrics on the full data. `hessp(x, v)` likewise returns H(x) @ v, by
     reverse-over-reverse differentiation (it works for every layer).
+
+    Under a `tf.distribute` strategy with several replicas, every batch is
+    split across the replicas with `strategy.run` and the per-replica sums are
+    reduced; Keras' 1/replicas scaling of the loss in a replica is undone, and
+    weight regularization is added once.
     """
 
     def __init__(self, model, data, jit_compile=False):
         self.model = model
-        self.data = data
         self.variables = list(model.trainable_variables)
-        self.jit_compile = jit_compile
+        self.sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.unused_variables = []
+        self.strategy = model.distribute_strategy
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.data = data if self.replicas == 1 else data.distributed(self.strategy)
         self._loss_takes_training = (
             "training" in inspect.signature(model.compute_loss).parameters
         )
-        self._batch_loss = tf.function(
-            self._batch_loss_and_grad, jit_compile=jit_compile, reduce_retracing=True
+        self._fg_terms = tf.function(
+            self._batch_fg_terms, jit_compile=jit_compile, reduce_retracing=True
         )
         self.fg = tf.function(self._fg, reduce_retracing=True)
         self.hessp = tf.function(self._hessp, reduce_retracing=True)
         self.assign = tf.function(lambda x: _assign_flat(x, self.variables))
 
-    def loss(self, x, y, sample_weight):
-        """Returns the model's loss on one batch, Dropout and noise off."""
+    # -- One batch (or one replica's share of it) -------------------------
+
+    def _data_loss(self, x, y, sample_weight):
+        """Returns `(rows, rows * loss, y, y_pred)` on one batch, Dropout off."""
         y_pred = self.model(x, training=False)
         y = _align_targets(y, y_pred)
         kwargs = {"training": False} if self._loss_takes_training else {}
         loss = self.model.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **kwargs
         )
-        return loss, y, y_pred
+        if self.replicas > 1:
+            # In a replica, Keras scales the whole loss by 1/replicas.
+            loss = loss * self.replicas - _weight_regularization(self.model)
+        rows = _batch_size_of(x)
+        return rows, rows * tf.cast(loss, tf.float64), y, y_pred
 
-    def _batch_loss_and_grad(self, x, y, sample_weight):
+    def _batch_fg_terms(self, x, y, sample_weight):
         with tf.GradientTape() as tape:
-            loss, y, y_pred = self.loss(x, y, sample_weight)
-        grads = tape.gradient(loss, self.variables)
+            rows, f, y, y_pred = self._data_loss(x, y, sample_weight)
+        grads = tape.gradient(f, self.variables)
         self.unused_variables = [
             v.path for v, g in zip(self.variables, grads) if g is None
         ]
         self.model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return tf.cast(loss, tf.float64), _flatten_float64(grads, self.variables)
+        return rows, f, _flatten_float64(grads, self.variables)
+
+    def _batch_hessp_terms(self, x, y, sample_weight, vs):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                rows, f, _, _ = self._data_loss(x, y, sample_weight)
+            gv = _dot(inner.gradient(f, self.variables), vs)
+        return rows, _flatten_float64(outer.gradient(gv, self.variables), self.variables)
+
+    def _sum_over_replicas(self, fn, batch, *args):
+        """Runs `fn` on a batch: directly, or split over replicas and summed."""
+        if self.replicas == 1:
+            return fn(*batch, *args)
+        def replica_fn(*parts):
+            return fn(*self.data.with_nones(parts), *args)
+
+        per_replica = self.strategy.run(replica_fn, args=tuple(batch))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    # -- Whole passes -------------------------------------------------------
 
     def _fg(self, x):
         _assign_flat(x, self.variables)
         self.model.reset_metrics()
-        n = sum(int(np.prod(v.shape)) for v in self.variables)
         zero = tf.constant(0.0, tf.float64)
-        state = (zero, zero, tf.zeros([n], tf.float64))
+        state = (zero, zero, tf.zeros([sum(self.sizes)], tf.float64))
 
         def step(batch, state):
-            rows, f, g = state
-            b = _batch_size_of(batch[0])
-            loss, grad = self._batch_loss(*batch)
-            return rows + b, f + b * loss, g + b * grad
+            terms = self._sum_over_replicas(self._fg_terms, batch)
+            return tuple(s + t for s, t in zip(state, terms))
 
         rows, f, g = _loop_over_batches(self.data, step, state)
+        f, g = f / rows, g / rows
+        if self.replicas > 1:
+            with tf.GradientTape() as tape:
+                reg = tf.cast(_weight_regularization(self.model), tf.float64)
+            f = f + reg
+            g = g + _flatten_float64(tape.gradient(reg, self.variables), self.variables)
         metrics = {
             k: tf.cast(v, tf.float64)
             for k, v in self.model.get_metrics_result().items()
             if k != "loss"
         }
-        return f / rows, g / rows, metrics
+        return f, g, metrics
 
     def _hessp(self, x, v):
         _assign_flat(x, self.variables)
-        sizes = [int(np.prod(w.shape)) for w in self.variables]
         vs = [
             tf.cast(tf.reshape(p, w.shape), w.dtype)
-            for p, w in zip(tf.split(v, sizes), self.variables)
+            for p, w in zip(tf.split(v, self.sizes), self.variables)
         ]
         zero = tf.constant(0.0, tf.float64)
-        state = (zero, tf.zeros([sum(sizes)], tf.float64))
+        state = (zero, tf.zeros([sum(self.sizes)], tf.float64))
 
         def step(batch, state):
-            rows, hv = state
-            b = _batch_size_of(batch[0])
-            return rows + b, hv + b * self._batch_hessp(batch, vs)
+            terms = self._sum_over_replicas(self._batch_hessp_terms, batch, vs)
+            return tuple(s + t for s, t in zip(state, terms))
 
         rows, hv = _loop_over_batches(self.data, step, state)
-        return hv / rows
+        hv = hv / rows
+        if self.replicas > 1:
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    reg = _weight_regularization(self.model)
+                gv = _dot(inner.gradient(reg, self.variables), vs)
+            hv = hv + _flatten_float64(outer.gradient(gv, self.variables), self.variables)
+        return hv
 
-    def _batch_hessp(self, batch, vs):
-        x, y, sample_weight = batch
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                loss, _, _ = self.loss(x, y, sample_weight)
-            grads = inner.gradient(loss, self.variables)
-            grads = [
-                tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
-                for g, w in zip(grads, self.variables)
-            ]
-            gv = tf.add_n([tf.reduce_sum(g * tf.cast(p, g.dtype)) for g, p in zip(grads, vs)])
-        return _flatten_float64(outer.gradient(gv, self.variables), self.variables)
+
+def _dot(grads, vectors):
+    """Returns sum(g * v) over a list of gradients, `None` counting as zero."""
+    terms = [
+        tf.reduce_sum(tf.convert_to_tensor(g) * tf.cast(v, g.dtype))
+        for g, v in zip(grads, vectors)
+        if g is not None
+    ]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+def _weight_regularization(model):
+    """Returns the sum of the weight regularization losses of `model`."""
+    terms = [
+        tf.cast(v.regularizer(v), tf.float64)
+        for v in model.trainable_weights
+        if getattr(v, "regularizer", None) is not None
+    ]
+    return tf.add_n(terms) if terms else tf.constant(0.0, tf.float64)
 
 
 ###############################################################################
