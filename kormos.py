@@ -562,6 +562,9 @@ class _Objective:
         self._fg_terms = tf.function(
             self._batch_fg_terms, jit_compile=jit_compile, reduce_retracing=True
         )
+        self._hessp_terms = tf.function(
+            self._batch_hessp_terms, jit_compile=jit_compile, reduce_retracing=True
+        )
         self.fg = tf.function(self._fg, reduce_retracing=True)
         self.hessp = tf.function(self._hessp, reduce_retracing=True)
         self.assign = tf.function(lambda x: _assign_flat(x, self.variables))
@@ -645,7 +648,7 @@ class _Objective:
         state = (zero, tf.zeros([sum(self.sizes)], tf.float64))
 
         def step(batch, state):
-            terms = self._sum_over_replicas(self._batch_hessp_terms, batch, vs)
+            terms = self._sum_over_replicas(self._hessp_terms, batch, vs)
             return tuple(s + t for s, t in zip(state, terms))
 
         rows, hv = _loop_over_batches(self.data, step, state)

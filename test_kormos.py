@@ -1247,3 +1247,15 @@ def test_streaming_dataset_of_ten_million_rows_stays_in_bounded_memory(tmp_path)
     match = re.search(r"STREAM-OK grew=(-?\d+)MB", result.stdout)
     assert match, result.stdout + result.stderr[-3000:]
     assert int(match.group(1)) < 250  # one batch is 8 MB; all rows 800 MB
+
+
+def test_jit_compile_gives_the_same_objective(float64):
+    model, plain, x, y = mlp_problem(n=50, batch_size=16)
+    x0 = plain.get_weights()
+    model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=True)
+    assert model.jit_compile
+    xla = model.optimizer.build(model, x, y, batch_size=16)
+    assert xla._objective._fg_terms._jit_compile
+    np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
+    np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14)
