@@ -687,6 +687,14 @@ def _weight_regularization(model):
 ###############################################################################
 
 
+# `OptimizeResult.status` of runs that kormos ended (99 is scipy's own code
+# for a callback that raised StopIteration).
+_STATUS_BUDGET_USED = 1
+_STATUS_INTERRUPTED = 97
+_STATUS_NOT_FINITE = 98
+_STATUS_STOPPED = 99
+
+
 class _StopSolver(Exception):
     """Raised inside the scipy callback to end the solver cleanly."""
 
@@ -1087,11 +1095,11 @@ class ScipyBatchOptimizer(BatchOptimizer):
         except FloatingPointError as error:
             message = f"Stopped: {error} The last finite iterate is kept."
             warnings.warn(message, stacklevel=3)
-            result = tracker.result(self, 98, message)
+            result = tracker.result(self, _STATUS_NOT_FINITE, message)
         except KeyboardInterrupt:
             result = tracker.result(
-                self, 97, "Interrupted by KeyboardInterrupt; the last "
-                "accepted iterate is kept."
+                self, _STATUS_INTERRUPTED, "Interrupted by KeyboardInterrupt; "
+                "the last accepted iterate is kept."
             )
         except BaseException:
             self.set_weights(tracker.last_x)
@@ -1183,9 +1191,13 @@ class _IterationTracker:
         self.last_x = np.array(x, dtype=np.float64, copy=True)
         self.nit += 1
         if self.callback is not None and self.callback(self.last_x):
-            raise _StopSolver(99, "Stopped by a callback (model.stop_training).")
+            raise _StopSolver(
+                _STATUS_STOPPED, "Stopped by a callback (model.stop_training)."
+            )
         if self.counts_itself and self.nit >= self.epochs:
-            raise _StopSolver(1, "Stopped: the iteration budget (epochs) is used.")
+            raise _StopSolver(
+                _STATUS_BUDGET_USED, "Stopped: the iteration budget (epochs) is used."
+            )
 
     def log_final(self, x):
         """Reports the solver's answer if no iteration reported it yet."""
@@ -1707,8 +1719,8 @@ class _BatchFit:
     def run(self, stages, initial_epoch, **solver_kwargs):
         model, optimizer = self.model, self.optimizer
         self.epoch = initial_epoch
-        self.data = _aligned(model, self.data)
         if self.validation is not None:
+            # evaluate() does not align targets the way the objective does.
             self.validation = _aligned(model, self.validation)
         optimizer._bind(model, self.data)
         model.stop_training = False
@@ -1721,7 +1733,7 @@ class _BatchFit:
                 epochs=budget, callback=self.on_iteration, method=method,
                 options=options, **solver_kwargs,
             )
-            if model.stop_training or result.status == 97:
+            if model.stop_training or result.status == _STATUS_INTERRUPTED:
                 break
         self.callbacks.on_train_end(logs=self.logs)
 
