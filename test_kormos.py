@@ -1258,3 +1258,29 @@ def test_jit_compile_gives_the_same_objective(float64):
     np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
     np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14)
+
+
+# =============================================================================
+# The README: every python block runs as written
+# =============================================================================
+
+
+def readme_python_blocks():
+    text = (Path(kormos.__file__).parent / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_blocks_run(tmp_path):
+    import subprocess
+    import sys
+
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 3
+    script = tmp_path / "readme.py"
+    script.write_text("\n\n".join(blocks))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=420,
+        cwd=Path(kormos.__file__).parent,
+        env={**os.environ, "PYTHONPATH": str(Path(kormos.__file__).parent)},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
