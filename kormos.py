@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 import collections
-import copy
 import inspect
 import math
 import sys
@@ -44,8 +43,7 @@ import keras
 
 if not keras.version().startswith("3."):
     raise ImportError(
-        f"kormos requires Keras 3 (TensorFlow >= 2.16). "
-        f"Found keras=={keras.version()}."
+        f"kormos requires Keras 3 (TensorFlow >= 2.16). Found keras=={keras.version()}."
     )
 
 ###############################################################################
@@ -260,7 +258,13 @@ def _is_dataset(x):
 
 
 def _make_data(
-    model, x, y, sample_weight, batch_size, class_weight=None, steps=None,
+    model,
+    x,
+    y,
+    sample_weight,
+    batch_size,
+    class_weight=None,
+    steps=None,
     argname="x",
 ):
     """Checks user data and returns a `_Data` of (x, y, sample_weight).
@@ -369,9 +373,7 @@ def _check_lengths(x, y, sample_weight, argname):
         )
     size = all_sizes.pop()
     if size == 0:
-        raise ValueError(
-            f"The training data is empty: `{argname}` has 0 samples."
-        )
+        raise ValueError(f"The training data is empty: `{argname}` has 0 samples.")
     return size
 
 
@@ -398,8 +400,10 @@ def _class_weights_for(labels, class_weight):
     table = np.ones(max(class_weight) + 1, dtype=np.float64)
     for label, weight in class_weight.items():
         table[int(label)] = weight
-    if labels.shape.rank is not None and labels.shape.rank > 1 and (
-        labels.shape[-1] is not None and labels.shape[-1] > 1
+    if (
+        labels.shape.rank is not None
+        and labels.shape.rank > 1
+        and (labels.shape[-1] is not None and labels.shape[-1] > 1)
     ):
         labels = tf.argmax(labels, axis=-1)
     labels = tf.reshape(tf.cast(tf.round(tf.cast(labels, tf.float64)), tf.int32), [-1])
@@ -527,7 +531,7 @@ def _loop_over_batches(data, step, state):
     for i in tf.range(data.num_batches):
         start = i * rows
         end = tf.minimum(start + rows, size)
-        batch = _map_tensors(lambda t: t[start:end], data.tensors)
+        batch = _map_tensors(lambda t, a=start, b=end: t[a:b], data.tensors)
         state = step(batch, state)
     return state
 
@@ -600,12 +604,15 @@ class _Objective:
             with tf.GradientTape() as inner:
                 rows, f, _, _ = self._data_loss(x, y, sample_weight)
             gv = _dot(inner.gradient(f, self.variables), vs)
-        return rows, _flatten_float64(outer.gradient(gv, self.variables), self.variables)
+        return rows, _flatten_float64(
+            outer.gradient(gv, self.variables), self.variables
+        )
 
     def _sum_over_replicas(self, fn, batch, *args):
         """Runs `fn` on a batch: directly, or split over replicas and summed."""
         if self.replicas == 1:
             return fn(*batch, *args)
+
         def replica_fn(*parts):
             return fn(*self.data.with_nones(parts), *args)
 
@@ -658,7 +665,9 @@ class _Objective:
                 with tf.GradientTape() as inner:
                     reg = _weight_regularization(self.model)
                 gv = _dot(inner.gradient(reg, self.variables), vs)
-            hv = hv + _flatten_float64(outer.gradient(gv, self.variables), self.variables)
+            hv = hv + _flatten_float64(
+                outer.gradient(gv, self.variables), self.variables
+            )
         return hv
 
 
@@ -775,13 +784,12 @@ class BatchOptimizer:
 
     def _bind(self, model, data):
         """Binds `model` and an already checked `_Data`."""
+        _probe_model(model, data)  # also builds a subclassed model
         if not model.trainable_variables:
             raise ValueError(
-                "The model has no trainable weights to optimize. Build it "
-                "(e.g. with keras.Input) and make sure some layers are "
-                "trainable."
+                "The model has no trainable weights to optimize: make sure "
+                "some of its layers are trainable."
             )
-        _probe_model(model, data)
         self.model = model
         self._objective = _Objective(model, data, jit_compile=_jit_compile(model))
         self._reset_counters()
@@ -919,9 +927,7 @@ class BatchOptimizer:
         Returns:
             A `scipy.optimize.OptimizeResult`.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement `minimize()`."
-        )
+        raise NotImplementedError(f"{type(self).__name__} must implement `minimize()`.")
 
     def get_config(self):
         """Returns the constructor arguments, as Keras objects do."""
@@ -1098,8 +1104,9 @@ class ScipyBatchOptimizer(BatchOptimizer):
             result = tracker.result(self, _STATUS_NOT_FINITE, message)
         except KeyboardInterrupt:
             result = tracker.result(
-                self, _STATUS_INTERRUPTED, "Interrupted by KeyboardInterrupt; "
-                "the last accepted iterate is kept."
+                self,
+                _STATUS_INTERRUPTED,
+                "Interrupted by KeyboardInterrupt; the last accepted iterate is kept.",
             )
         except BaseException:
             self.set_weights(tracker.last_x)
@@ -1120,13 +1127,19 @@ class ScipyBatchOptimizer(BatchOptimizer):
                 f"Received: epochs={epochs!r}"
             )
         method = _canonical_method(method if method is not None else self.method)
-        options = dict(_check_options(options if options is not None else self.options) or {})
+        options = dict(
+            _check_options(options if options is not None else self.options) or {}
+        )
         name = method if isinstance(method, str) else "custom"
         if name not in _NO_MAXITER + _MAXITER_COUNTS_EVALS:
             options["maxiter"] = min(int(options.get("maxiter", epochs)), epochs)
         n = _flat_size(self.variables)
         _check_dense_size(name, n, self.max_dense_params)
-        run = {"method": method, "options": options, "tol": tol if tol is not None else self.tol}
+        run = {
+            "method": method,
+            "options": options,
+            "tol": tol if tol is not None else self.tol,
+        }
         run["bounds"] = _resolve_bounds(
             bounds if bounds is not None else self.bounds, self.variables, name
         )
@@ -1607,14 +1620,18 @@ class _BatchOptimizedMixin:
         )
         if validation_data is not None:
             validation = _make_validation(
-                self, validation_data, validation_batch_size or batch_size,
+                self,
+                validation_data,
+                validation_batch_size or batch_size,
                 validation_steps,
             )
         verbose = 1 if verbose == "auto" else verbose
         last_epoch = initial_epoch + sum(stage[1] for stage in stages)
         callback_list, history = _make_callbacks(self, callbacks, verbose, last_epoch)
         fitter = _BatchFit(self, data, validation, validation_freq, callback_list)
-        fitter.run(stages, initial_epoch, bounds=bounds, constraints=constraints, tol=tol)
+        fitter.run(
+            stages, initial_epoch, bounds=bounds, constraints=constraints, tol=tol
+        )
         return history
 
     def get_compile_config(self):
@@ -1647,8 +1664,10 @@ def _plan_stages(method, epochs, options, pretrain_fn, initial_epoch):
     lists = {
         name: value
         for name, value in (
-            ("method", method), ("epochs", epochs),
-            ("options", options), ("pretrain_fn", pretrain_fn),
+            ("method", method),
+            ("epochs", epochs),
+            ("options", options),
+            ("pretrain_fn", pretrain_fn),
         )
         if isinstance(value, (list, tuple))
     }
@@ -1670,7 +1689,9 @@ def _plan_stages(method, epochs, options, pretrain_fn, initial_epoch):
     for i in range(count):
         budget = nth(epochs, i)
         if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool):
-            raise ValueError(f"`epochs` must be a positive integer. Received: epochs={epochs!r}")
+            raise ValueError(
+                f"`epochs` must be a positive integer. Received: epochs={epochs!r}"
+            )
         if count == 1:
             budget = budget - initial_epoch
         if budget <= 0:
@@ -1690,9 +1711,19 @@ def _plan_stages(method, epochs, options, pretrain_fn, initial_epoch):
 def _make_validation(model, validation_data, batch_size, steps):
     """Returns validation data as `_Data`."""
     if _is_dataset(validation_data):
-        return _make_data(model, validation_data, None, None, None, steps=steps,
-                          argname="validation_data")
-    if not isinstance(validation_data, (tuple, list)) or not 2 <= len(validation_data) <= 3:
+        return _make_data(
+            model,
+            validation_data,
+            None,
+            None,
+            None,
+            steps=steps,
+            argname="validation_data",
+        )
+    if (
+        not isinstance(validation_data, (tuple, list))
+        or not 2 <= len(validation_data) <= 3
+    ):
         raise ValueError(
             "`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, "
             "val_sample_weight)` or a `tf.data.Dataset`. Received: "
@@ -1730,8 +1761,11 @@ class _BatchFit:
                 pretrain_fn(model)
                 self._rebind_if_trainables_changed()
             result = optimizer.minimize(
-                epochs=budget, callback=self.on_iteration, method=method,
-                options=options, **solver_kwargs,
+                epochs=budget,
+                callback=self.on_iteration,
+                method=method,
+                options=options,
+                **solver_kwargs,
             )
             if model.stop_training or result.status == _STATUS_INTERRUPTED:
                 break
@@ -1760,7 +1794,9 @@ class _BatchFit:
         }
         logs.update(optimizer.metrics_at(x))
         optimizer.set_weights(x)
-        if self.validation is not None and _should_validate(epoch, self.validation_freq):
+        if self.validation is not None and _should_validate(
+            epoch, self.validation_freq
+        ):
             logs.update(self._validate())
         self.callbacks.on_epoch_begin(epoch)
         self.callbacks.on_epoch_end(epoch, logs)
@@ -1771,9 +1807,12 @@ class _BatchFit:
     def _validate(self):
         x, y, sample_weight = self.validation.as_fit_inputs()
         results = self.model.evaluate(
-            x=x, y=y, sample_weight=sample_weight,
+            x=x,
+            y=y,
+            sample_weight=sample_weight,
             batch_size=self.validation.batch_size if y is not None else None,
-            verbose=0, return_dict=True,
+            verbose=0,
+            return_dict=True,
         )
         return {f"val_{k}": float(v) for k, v in results.items()}
 
@@ -1786,7 +1825,9 @@ def _aligned(model, data):
     y_pred = model(x, training=False)
     if data.tensors is not None:
         dx, dy, dsw = data.tensors
-        return _Data((dx, _align_targets(dy, y_pred), dsw), None, data.batch_size, data.size)
+        return _Data(
+            (dx, _align_targets(dy, y_pred), dsw), None, data.batch_size, data.size
+        )
     dataset = data.dataset.map(lambda a, b, c: (a, _align_targets(b, y_pred), c))
     return _Data(dataset=dataset)
 

@@ -130,9 +130,7 @@ def test_all_public_names_in___all__():
 
 def test_no_private_imports():
     text = Path(kormos.__file__).read_text()
-    assert "keras.src" not in text.replace('"keras.src"', "").replace(
-        "`keras.src`", ""
-    )
+    assert "keras.src" not in text.replace('"keras.src"', "").replace("`keras.src`", "")
     assert "tensorflow.python" not in text
     assert "scipy.optimize._" not in text
 
@@ -191,7 +189,9 @@ def test_get_scipy_and_instances():
 
 
 def test_get_unknown_lists_valid_names():
-    with pytest.raises(ValueError, match="l-bfgs-b.*newton-cg.*Received: identifier='lbfgs'"):
+    with pytest.raises(
+        ValueError, match="l-bfgs-b.*newton-cg.*Received: identifier='lbfgs'"
+    ):
         kormos.get("lbfgs")
 
 
@@ -230,7 +230,9 @@ def finite_difference_gradient(f, x, eps):
     return g
 
 
-@pytest.mark.parametrize("dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)])
+@pytest.mark.parametrize(
+    "dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)]
+)
 def test_gradient_matches_finite_differences(dtype, eps, rtol):
     with floatx(dtype):
         _, optimizer, _, _ = mlp_problem()
@@ -240,7 +242,9 @@ def test_gradient_matches_finite_differences(dtype, eps, rtol):
     np.testing.assert_allclose(g, fd, rtol=rtol, atol=rtol * np.abs(fd).max())
 
 
-@pytest.mark.parametrize("dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)])
+@pytest.mark.parametrize(
+    "dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)]
+)
 def test_hessp_matches_finite_differences_of_gradient(dtype, eps, rtol):
     with floatx(dtype):
         _, optimizer, _, _ = mlp_problem()
@@ -323,7 +327,9 @@ def test_l2_logistic_regression_matches_scikit_learn(float64):
     fit_quietly(model, x, y[:, None], epochs=500, options=TIGHT["l-bfgs-b"])
     coef = model.optimizer.get_weights()
     expected = np.concatenate([reference.coef_.ravel(), reference.intercept_])
-    np.testing.assert_allclose(coef, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        coef, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max()
+    )
 
 
 # =============================================================================
@@ -359,8 +365,12 @@ def test_readme_sequential_lbfgs_example_reproduces_its_table():
     model.compile(loss=loss, optimizer="l-bfgs-b", metrics=["mean_absolute_error"])
     with pytest.warns(scipy.optimize.OptimizeWarning, match="maxcors"):
         history = model.fit(
-            x=X, y=y, epochs=10, validation_data=(Xval, yval),
-            options={"maxcors": 3}, verbose=0,
+            x=X,
+            y=y,
+            epochs=10,
+            validation_data=(Xval, yval),
+            options={"maxcors": 3},
+            verbose=0,
         )
     best_fit_weights = np.reshape(model.trainable_weights[0].numpy(), (1, -1))
     assert np.allclose(best_fit_weights, w, 1e-2)
@@ -372,8 +382,13 @@ def test_readme_sequential_lbfgs_example_reproduces_its_table():
     np.testing.assert_allclose(h["val_loss"][-1], 0.046992, atol=5e-7)
     assert h["fg_evals"][:3] == [2, 3, 4]
     assert set(h) == {
-        "loss", "grad", "fg_evals", "hessp_evals", "mean_absolute_error",
-        "val_loss", "val_mean_absolute_error",
+        "loss",
+        "grad",
+        "fg_evals",
+        "hessp_evals",
+        "mean_absolute_error",
+        "val_loss",
+        "val_mean_absolute_error",
     }
 
     # Recompile with Adam: same weights, plain Keras training.
@@ -383,7 +398,10 @@ def test_readme_sequential_lbfgs_example_reproduces_its_table():
     model.set_weights([np.random.random(size=(rank, 1))])
     history = model.fit(x=X, y=y, epochs=2, validation_data=(Xval, yval), verbose=0)
     assert set(history.history) == {
-        "loss", "mean_absolute_error", "val_loss", "val_mean_absolute_error"
+        "loss",
+        "mean_absolute_error",
+        "val_loss",
+        "val_mean_absolute_error",
     }
 
 
@@ -440,17 +458,23 @@ def matrix_factorization_model(rank, num_users, num_items, **kwargs):
 def test_readme_matrix_factorization_example_aligns_targets():
     rng = np.random.default_rng(0)
     num_users, num_items, n = 30, 40, 600
-    x = np.stack([rng.integers(1, num_users + 1, n), rng.integers(1, num_items + 1, n)], 1)
+    x = np.stack(
+        [rng.integers(1, num_users + 1, n), rng.integers(1, num_items + 1, n)], 1
+    )
     y = rng.random(n)  # shape (n,) against an output of shape (n, 1, 1)
     model = matrix_factorization_model(3, num_users, num_items)
     model.compile(loss=tf.keras.losses.MeanSquaredError(), optimizer="l-bfgs-b")
     history = model.fit(
-        x=(x[:500, 0], x[:500, 1]), y=y[:500], batch_size=2**7, epochs=5, verbose=0,
+        x=(x[:500, 0], x[:500, 1]),
+        y=y[:500],
+        batch_size=2**7,
+        epochs=5,
+        verbose=0,
         validation_data=((x[500:, 0], x[500:, 1]), y[500:]),
     )
     # The loss is the per-rating MSE, not a broadcast (n, 1, n) one.
     pred = model.predict((x[:500, 0], x[:500, 1]), verbose=0).reshape(-1)
-    reg = sum(float(l) for l in model.losses)
+    reg = sum(float(loss) for loss in model.losses)
     np.testing.assert_allclose(
         history.history["loss"][-1], np.mean((pred - y[:500]) ** 2) + reg, rtol=1e-5
     )
@@ -487,7 +511,9 @@ def test_functional_and_subclassing_api_in_one_process():
 
 def test_model_overriding_compute_loss_trains_on_that_loss(float64):
     class MeanAbsolute(kormos.BatchOptimizedSequentialModel):
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        def compute_loss(
+            self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+        ):
             return keras.ops.mean(keras.ops.abs(y_pred - y))
 
     x, y = regression_data(n=101)
@@ -560,8 +586,9 @@ def test_multi_input_multi_output_objective_equals_evaluate(loss_weights, float6
     history = fit_quietly(
         model, [xa, xb], [y1, y2], sample_weight=sw, epochs=3, batch_size=32
     )
-    reported = model.evaluate([xa, xb], [y1, y2], sample_weight=sw, batch_size=32,
-                              verbose=0, return_dict=True)
+    reported = model.evaluate(
+        [xa, xb], [y1, y2], sample_weight=sw, batch_size=32, verbose=0, return_dict=True
+    )
     np.testing.assert_allclose(history.history["loss"][-1], reported["loss"], rtol=1e-6)
 
 
@@ -570,15 +597,20 @@ def test_dict_inputs_and_dataset_inputs_give_the_same_objective(float64):
     losses = []
     for make in (
         lambda: ({"a": xa, "b": xb}, (y1, y2), sw),
-        lambda: (tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, (y1, y2), sw)).batch(25),),
+        lambda: (
+            tf.data.Dataset.from_tensor_slices(
+                ({"a": xa, "b": xb}, (y1, y2), sw)
+            ).batch(25),
+        ),
     ):
         keras.utils.set_random_seed(5)
         model = two_in_two_out_model()
         model.compile(loss="mse", optimizer="l-bfgs-b")
         args = make()
         if len(args) == 3:
-            history = fit_quietly(model, args[0], args[1], sample_weight=args[2],
-                                  epochs=4, batch_size=25)
+            history = fit_quietly(
+                model, args[0], args[1], sample_weight=args[2], epochs=4, batch_size=25
+            )
         else:
             history = fit_quietly(model, args[0], epochs=4)
         losses.append(history.history["loss"])
@@ -609,7 +641,15 @@ def test_class_weight_equals_the_matching_sample_weight(float64):
 # Callbacks, progress, metrics, validation
 # =============================================================================
 
-STOP_METHODS = ["L-BFGS-B", "TNC", "Newton-CG", "trust-constr", "SLSQP", "Nelder-Mead", "COBYLA"]
+STOP_METHODS = [
+    "L-BFGS-B",
+    "TNC",
+    "Newton-CG",
+    "trust-constr",
+    "SLSQP",
+    "Nelder-Mead",
+    "COBYLA",
+]
 
 
 @pytest.mark.parametrize("method", STOP_METHODS)
@@ -623,7 +663,10 @@ def test_stop_training_ends_the_solver_after_that_iteration(method):
             model.stop_training = True
 
     history = fit_quietly(
-        model, x, y, epochs=50,
+        model,
+        x,
+        y,
+        epochs=50,
         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=stop_at_third)],
     )
     assert len(history.history["loss"]) == 3
@@ -649,7 +692,13 @@ def test_model_holds_the_iterate_during_on_epoch_end(float64):
     def check(epoch, logs):
         seen.append((logs["loss"], model.evaluate(x, y, batch_size=200, verbose=0)))
 
-    fit_quietly(model, x, y, epochs=6, callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=check)])
+    fit_quietly(
+        model,
+        x,
+        y,
+        epochs=6,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=check)],
+    )
     assert len(seen) >= 3
     for logged, evaluated in seen:
         np.testing.assert_allclose(logged, evaluated, rtol=1e-8)
@@ -658,7 +707,11 @@ def test_model_holds_the_iterate_during_on_epoch_end(float64):
 def test_training_metrics_in_every_row_without_extra_passes(float64):
     x, y = regression_data()
     model = linear_model()
-    model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae", keras.metrics.RootMeanSquaredError()])
+    model.compile(
+        loss="mse",
+        optimizer="l-bfgs-b",
+        metrics=["mae", keras.metrics.RootMeanSquaredError()],
+    )
     history = fit_quietly(model, x, y, epochs=8)
     h = history.history
     assert len(h["mae"]) == len(h["loss"]) == len(h["root_mean_squared_error"])
@@ -677,8 +730,14 @@ def test_validation_split_freq_and_batch_size(float64):
     model = linear_model()
     model.compile(loss="mse", optimizer="cg", metrics=["mae"])
     history = fit_quietly(
-        model, x, y, epochs=6, validation_split=0.2, validation_freq=2,
-        validation_batch_size=7, options={"gtol": 1e-14},
+        model,
+        x,
+        y,
+        epochs=6,
+        validation_split=0.2,
+        validation_freq=2,
+        validation_batch_size=7,
+        options={"gtol": 1e-14},
     )
     h = history.history
     assert len(h["loss"]) == 6 and len(h["val_loss"]) == 3
@@ -694,9 +753,18 @@ def test_initial_epoch_counts_like_keras():
     model = linear_model()
     model.compile(loss="mse", optimizer="cg")
     epochs = []
-    callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: epochs.append(e))
-    history = fit_quietly(model, x, y, epochs=5, initial_epoch=2, callbacks=[callback],
-                          options={"gtol": 1e-14})
+    callback = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: epochs.append(e)
+    )
+    history = fit_quietly(
+        model,
+        x,
+        y,
+        epochs=5,
+        initial_epoch=2,
+        callbacks=[callback],
+        options={"gtol": 1e-14},
+    )
     assert epochs == [2, 3, 4]
     assert len(history.history["loss"]) == 3
 
@@ -707,20 +775,27 @@ def test_checkpoint_csvlogger_tensorboard_and_lr_callbacks(tmp_path):
     model.compile(loss="mse", optimizer="bfgs")
     csv = tmp_path / "log.csv"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(tmp_path / "best.keras", monitor="loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(
+            tmp_path / "best.keras", monitor="loss", save_best_only=True
+        ),
         keras.callbacks.CSVLogger(csv),
         keras.callbacks.TensorBoard(tmp_path / "tb"),
     ]
     with pytest.warns(UserWarning, match="ReduceLROnPlateau adjusts a learning rate"):
         history = model.fit(
-            x, y, epochs=5, verbose=0,
+            x,
+            y,
+            epochs=5,
+            verbose=0,
             callbacks=callbacks + [keras.callbacks.ReduceLROnPlateau(monitor="loss")],
         )
     rows = csv.read_text().strip().splitlines()
     assert len(rows) == 1 + len(history.history["loss"])
     assert rows[0].split(",")[:3] == ["epoch", "fg_evals", "grad"]
     restored = keras.models.load_model(tmp_path / "best.keras")
-    np.testing.assert_allclose(restored.evaluate(x, y, verbose=0), min(history.history["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        restored.evaluate(x, y, verbose=0), min(history.history["loss"]), rtol=1e-5
+    )
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
 
 
@@ -753,9 +828,14 @@ def test_keyboard_interrupt_returns_history_and_keeps_last_iterate(tmp_path):
 
     csv = tmp_path / "log.csv"
     history = fit_quietly(
-        model, x, y, epochs=20,
-        callbacks=[keras.callbacks.CSVLogger(csv),
-                   keras.callbacks.LambdaCallback(on_epoch_end=interrupt)],
+        model,
+        x,
+        y,
+        epochs=20,
+        callbacks=[
+            keras.callbacks.CSVLogger(csv),
+            keras.callbacks.LambdaCallback(on_epoch_end=interrupt),
+        ],
     )
     assert len(history.history["loss"]) == 2
     np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
@@ -775,8 +855,13 @@ def test_callback_exception_propagates_and_keeps_last_iterate():
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        fit_quietly(model, x, y, epochs=20,
-                    callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=fail)])
+        fit_quietly(
+            model,
+            x,
+            y,
+            epochs=20,
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=fail)],
+        )
     np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
 
 
@@ -790,7 +875,11 @@ def test_method_chain_with_pretrain_fn_freezing_a_layer():
     x = rng.normal(size=(100, 3))
     y = np.tanh(x @ [[1.0], [-2.0], [0.5]])
     model = kormos.BatchOptimizedSequentialModel(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(loss="mse", optimizer="l-bfgs-b")
     snapshots = {}
@@ -800,7 +889,11 @@ def test_method_chain_with_pretrain_fn_freezing_a_layer():
         snapshots["first"] = m.layers[0].get_weights()[0].copy()
 
     history = fit_quietly(
-        model, x, y, method=["l-bfgs-b", "newton-cg"], epochs=[4, 3],
+        model,
+        x,
+        y,
+        method=["l-bfgs-b", "newton-cg"],
+        epochs=[4, 3],
         pretrain_fn=[None, freeze_first],
     )
     assert len(history.history["loss"]) == 7
@@ -819,7 +912,8 @@ def test_save_and_load_round_trip_keeps_batch_compile(functional, tmp_path):
     else:
         model = linear_model()
     model.compile(
-        loss="mse", metrics=["mae"],
+        loss="mse",
+        metrics=["mae"],
         optimizer=kormos.ScipyBatchOptimizer(method="bfgs", options={"gtol": 1e-9}),
     )
     fit_quietly(model, x, y, epochs=3)
@@ -827,7 +921,9 @@ def test_save_and_load_round_trip_keeps_batch_compile(functional, tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert type(loaded) is type(model)
     assert isinstance(loaded.optimizer, kormos.ScipyBatchOptimizer)
-    assert loaded.optimizer.method == "bfgs" and loaded.optimizer.options == {"gtol": 1e-9}
+    assert loaded.optimizer.method == "bfgs" and loaded.optimizer.options == {
+        "gtol": 1e-9
+    }
     for a, b in zip(weights_of(model), weights_of(loaded)):
         np.testing.assert_array_equal(a, b)
     history = fit_quietly(loaded, x, y, epochs=3)
@@ -835,7 +931,9 @@ def test_save_and_load_round_trip_keeps_batch_compile(functional, tmp_path):
 
 
 def test_optimizer_config_round_trip():
-    optimizer = kormos.ScipyBatchOptimizer(method="TNC", options={"maxfun": 7}, tol=1e-3)
+    optimizer = kormos.ScipyBatchOptimizer(
+        method="TNC", options={"maxfun": 7}, tol=1e-3
+    )
     clone = kormos.ScipyBatchOptimizer.from_config(optimizer.get_config())
     assert clone.get_config() == optimizer.get_config()
     assert clone.method == "tnc" and clone.tol == 1e-3
@@ -852,8 +950,12 @@ def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
         return model
 
     tuner = keras_tuner.RandomSearch(
-        build, objective="val_loss", max_trials=4, seed=1,
-        directory=tmp_path, project_name="kormos",
+        build,
+        objective="val_loss",
+        max_trials=4,
+        seed=1,
+        directory=tmp_path,
+        project_name="kormos",
     )
     tuner.search(x[:90], y[:90], epochs=10, validation_data=(x[90:], y[90:]), verbose=0)
     best = tuner.get_best_hyperparameters(1)[0]
@@ -870,22 +972,96 @@ def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
 X5, Y5 = regression_data(n=40)
 BAD_INPUTS = [
     # (what is wrong, fit kwargs or "compile", exception, message pattern)
-    ("unknown method in fit", {"method": "lbfgs"}, ValueError, "method.*Valid names.*Received: method='lbfgs'"),
-    ("options not a dict", {"options": [("maxiter", 3)]}, TypeError, "`options` must be a dict"),
-    ("chain lists of different lengths", {"method": ["cg", "bfgs"], "epochs": [3]}, ValueError, "same length.*method has 2, epochs has 1"),
-    ("bounds of the wrong length", {"bounds": [(0, 1)] * 3}, ValueError, "one \\(low, high\\) pair per weight: 6"),
-    ("bounds for a method that ignores them", {"method": "bfgs", "bounds": [(0, 1)] * 6}, ValueError, "'bfgs' ignores `bounds`"),
-    ("constraints for a method that ignores them", {"constraints": [{"type": "eq", "fun": np.sum}]}, ValueError, "'l-bfgs-b' ignores `constraints`"),
+    (
+        "unknown method in fit",
+        {"method": "lbfgs"},
+        ValueError,
+        "method.*Valid names.*Received: method='lbfgs'",
+    ),
+    (
+        "options not a dict",
+        {"options": [("maxiter", 3)]},
+        TypeError,
+        "`options` must be a dict",
+    ),
+    (
+        "chain lists of different lengths",
+        {"method": ["cg", "bfgs"], "epochs": [3]},
+        ValueError,
+        "same length.*method has 2, epochs has 1",
+    ),
+    (
+        "bounds of the wrong length",
+        {"bounds": [(0, 1)] * 3},
+        ValueError,
+        "one \\(low, high\\) pair per weight: 6",
+    ),
+    (
+        "bounds for a method that ignores them",
+        {"method": "bfgs", "bounds": [(0, 1)] * 6},
+        ValueError,
+        "'bfgs' ignores `bounds`",
+    ),
+    (
+        "constraints for a method that ignores them",
+        {"constraints": [{"type": "eq", "fun": np.sum}]},
+        ValueError,
+        "'l-bfgs-b' ignores `constraints`",
+    ),
     ("empty data", {"x": X5[:0], "y": Y5[:0]}, ValueError, "training data is empty"),
-    ("x and y of different lengths", {"y": Y5[:30]}, ValueError, "same number of samples.*x: \\[40\\], y: \\[30\\]"),
-    ("string targets", {"y": np.array(["a"] * 40)}, ValueError, "`y` must hold numbers"),
-    ("dataset of the wrong structure", {"x": tf.data.Dataset.from_tensor_slices((X5, Y5, Y5, Y5)).batch(8), "y": None}, ValueError, "tuple of 4 elements"),
+    (
+        "x and y of different lengths",
+        {"y": Y5[:30]},
+        ValueError,
+        "same number of samples.*x: \\[40\\], y: \\[30\\]",
+    ),
+    (
+        "string targets",
+        {"y": np.array(["a"] * 40)},
+        ValueError,
+        "`y` must hold numbers",
+    ),
+    (
+        "dataset of the wrong structure",
+        {"x": tf.data.Dataset.from_tensor_slices((X5, Y5, Y5, Y5)).batch(8), "y": None},
+        ValueError,
+        "tuple of 4 elements",
+    ),
     ("epochs <= 0", {"epochs": 0}, ValueError, "`epochs` must be a positive integer"),
-    ("batch_size <= 0", {"batch_size": 0}, ValueError, "`batch_size` must be a positive integer.*batch_size=0"),
-    ("non-finite loss at the start", {"y": np.full((40, 1), np.nan)}, ValueError, "not finite"),
-    ("y that would broadcast against the output", {"y": np.ones((40, 3))}, ValueError, "would silently broadcast"),
-    ("dense-matrix method on a model too large", {"method": "bfgs", "max_dense_params": 4}, ValueError, "dense 6 x 6.*max_dense_params"),
-    ("validation_split on a dataset", {"x": tf.data.Dataset.from_tensor_slices((X5, Y5)).batch(8), "y": None, "validation_split": 0.5}, ValueError, "only supported for array inputs"),
+    (
+        "batch_size <= 0",
+        {"batch_size": 0},
+        ValueError,
+        "`batch_size` must be a positive integer.*batch_size=0",
+    ),
+    (
+        "non-finite loss at the start",
+        {"y": np.full((40, 1), np.nan)},
+        ValueError,
+        "not finite",
+    ),
+    (
+        "y that would broadcast against the output",
+        {"y": np.ones((40, 3))},
+        ValueError,
+        "would silently broadcast",
+    ),
+    (
+        "dense-matrix method on a model too large",
+        {"method": "bfgs", "max_dense_params": 4},
+        ValueError,
+        "dense 6 x 6.*max_dense_params",
+    ),
+    (
+        "validation_split on a dataset",
+        {
+            "x": tf.data.Dataset.from_tensor_slices((X5, Y5)).batch(8),
+            "y": None,
+            "validation_split": 0.5,
+        },
+        ValueError,
+        "only supported for array inputs",
+    ),
 ]
 
 
@@ -895,7 +1071,9 @@ def test_bad_input_raises_before_weights_change(case):
     kwargs = dict(kwargs)
     model = linear_model()
     max_dense = kwargs.pop("max_dense_params", 5000)
-    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(max_dense_params=max_dense))
+    model.compile(
+        loss="mse", optimizer=kormos.ScipyBatchOptimizer(max_dense_params=max_dense)
+    )
     before = weights_of(model)
     fit_kwargs = {"x": X5, "y": Y5, "epochs": 3, "verbose": 0, **kwargs}
     with pytest.raises(error, match=pattern):
@@ -921,7 +1099,9 @@ def test_fit_before_compile_and_model_without_trainable_weights():
 
 
 def test_trust_exact_refuses_large_models_with_the_memory_needed():
-    model = kormos.BatchOptimizedSequentialModel([keras.Input((80,)), keras.layers.Dense(80)])
+    model = kormos.BatchOptimizedSequentialModel(
+        [keras.Input((80,)), keras.layers.Dense(80)]
+    )
     model.compile(loss="mse", optimizer="trust-exact")
     with pytest.raises(ValueError, match=r"dense 6480 x 6480.*about 1\.3 GB"):
         model.fit(np.ones((4, 80)), np.ones((4, 80)), verbose=0)
@@ -944,19 +1124,28 @@ def test_non_finite_loss_mid_run_keeps_last_finite_iterate(float64):
     class Walled(kormos.BatchOptimizedSequentialModel):
         """(w - 10)^2, undefined (NaN) beyond w = 5: the solver runs into the wall."""
 
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        def compute_loss(
+            self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+        ):
             w = self.trainable_variables[0][0, 0]
             wall = keras.ops.where(w > 5.0, np.nan, 0.0)
             return (w - 10.0) ** 2 + wall
 
-    model = Walled([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    model = Walled(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
     model.compile(optimizer="l-bfgs-b")
     iterates = []
     callback = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda e, logs: iterates.append(model.optimizer.get_weights())
     )
     with pytest.warns(UserWarning, match="not finite"):
-        history = model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=20, verbose=0, callbacks=[callback])
+        history = model.fit(
+            np.ones((4, 1)), np.ones((4, 1)), epochs=20, verbose=0, callbacks=[callback]
+        )
     w = model.optimizer.get_weights()
     assert np.all(np.isfinite(history.history["loss"]))
     assert w[0] <= 5.0
@@ -985,7 +1174,9 @@ def test_dropout_and_batchnorm_objective_is_deterministic(float64):
     first = optimizer.func(x_final)
     optimizer._cache.clear()
     assert optimizer.func(x_final) == first
-    np.testing.assert_allclose(first, model.evaluate(x, y, batch_size=64, verbose=0), rtol=1e-10)
+    np.testing.assert_allclose(
+        first, model.evaluate(x, y, batch_size=64, verbose=0), rtol=1e-10
+    )
     assert len(history.history["loss"]) == 15  # no line-search failure on noise
     for before, after in zip(moving, model.non_trainable_weights):
         np.testing.assert_array_equal(before, after.numpy())
@@ -1010,7 +1201,8 @@ shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 def test_pack_unpack_round_trip_property(shape_list, dtype, seed):
     rng = np.random.default_rng(seed)
     variables = [
-        keras.Variable(rng.normal(size=s).astype(dtype), dtype=dtype) for s in shape_list
+        keras.Variable(rng.normal(size=s).astype(dtype), dtype=dtype)
+        for s in shape_list
     ]
     x = kormos.pack_weights(variables)
     assert x.dtype == np.float64
@@ -1030,7 +1222,9 @@ def test_objective_is_independent_of_batch_size_property(batch_size, n):
         x0 = full.get_weights()
         batched = kormos.ScipyBatchOptimizer().build(model, x, y, batch_size=batch_size)
         np.testing.assert_allclose(batched.func(x0), full.func(x0), rtol=1e-12)
-        np.testing.assert_allclose(batched.grad(x0), full.grad(x0), rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(
+            batched.grad(x0), full.grad(x0), rtol=1e-9, atol=1e-13
+        )
 
 
 # =============================================================================
@@ -1040,8 +1234,10 @@ def test_objective_is_independent_of_batch_size_property(batch_size, n):
 
 def nonnegative_factorization_model(num_users=20, num_items=30, rank=3):
     user, item = keras.Input((1,), dtype="int32"), keras.Input((1,), dtype="int32")
-    embed = dict(embeddings_initializer=keras.initializers.RandomUniform(0, 1),
-                 embeddings_constraint=keras.constraints.NonNeg())
+    embed = dict(
+        embeddings_initializer=keras.initializers.RandomUniform(0, 1),
+        embeddings_constraint=keras.constraints.NonNeg(),
+    )
     u = keras.layers.Embedding(num_users, rank, name="users", **embed)(user)
     v = keras.layers.Embedding(num_items, rank, name="items", **embed)(item)
     out = keras.layers.Flatten()(keras.layers.Dot(axes=2)([u, v]))
@@ -1078,14 +1274,23 @@ def test_bounds_by_path_suffix_bounds_object_and_ambiguity(float64):
     with pytest.raises(ValueError, match="matches no trainable variable"):
         fit_quietly(model, x, y, epochs=3, bounds={"nope/kernel": (0, 1)})
     n = model.optimizer.get_weights().size
-    fit_quietly(model, x, y, epochs=30, method="tnc",
-                bounds=scipy.optimize.Bounds(np.full(n, -0.05), np.full(n, 0.05)))
+    fit_quietly(
+        model,
+        x,
+        y,
+        epochs=30,
+        method="tnc",
+        bounds=scipy.optimize.Bounds(np.full(n, -0.05), np.full(n, 0.05)),
+    )
     assert np.abs(model.optimizer.get_weights()).max() <= 0.05 + 1e-12
 
 
 def test_non_box_constraint_warns():
     model = kormos.BatchOptimizedSequentialModel(
-        [keras.Input((5,)), keras.layers.Dense(1, kernel_constraint=keras.constraints.MaxNorm(1.0))]
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(1, kernel_constraint=keras.constraints.MaxNorm(1.0)),
+        ]
     )
     model.compile(loss="mse", optimizer="l-bfgs-b")
     with pytest.warns(UserWarning, match="MaxNorm on .*kernel is not a box"):
@@ -1100,23 +1305,31 @@ def test_dense_hessian_is_exact_for_least_squares(float64):
     n = len(x)
     a = np.hstack([x, np.ones((n, 1))])
     expected = 2 * a.T @ a / n + 2 * float(np.float32(0.1)) * np.diag([1.0, 1, 1, 0])
-    np.testing.assert_allclose(optimizer.hess(optimizer.get_weights()), expected, rtol=1e-10)
+    np.testing.assert_allclose(
+        optimizer.hess(optimizer.get_weights()), expected, rtol=1e-10
+    )
 
 
 def test_custom_minimizer_callable_receives_callback_and_options(float64):
     calls = {}
 
-    def gradient_descent(fun, x0, args=(), jac=None, callback=None, maxiter=100, lr=0.1, **kwargs):
+    def gradient_descent(
+        fun, x0, args=(), jac=None, callback=None, maxiter=100, lr=0.1, **kwargs
+    ):
         calls.update(maxiter=maxiter, lr=lr)
         x = x0.copy()
         for _ in range(maxiter):
             x = x - lr * jac(x)
             callback(scipy.optimize.OptimizeResult(x=x, fun=fun(x)))
-        return scipy.optimize.OptimizeResult(x=x, fun=fun(x), success=True, nit=maxiter, message="done")
+        return scipy.optimize.OptimizeResult(
+            x=x, fun=fun(x), success=True, nit=maxiter, message="done"
+        )
 
     x, y = regression_data()
     model = linear_model()
-    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(method=gradient_descent))
+    model.compile(
+        loss="mse", optimizer=kormos.ScipyBatchOptimizer(method=gradient_descent)
+    )
     history = fit_quietly(model, x, y, epochs=30, options={"lr": 0.2})
     assert calls == {"maxiter": 30, "lr": 0.2}
     assert len(history.history["loss"]) == 30
@@ -1126,7 +1339,9 @@ def test_custom_minimizer_callable_receives_callback_and_options(float64):
 class DecayODE(kormos.BatchOptimizedSequentialModel):
     """u' = -u on [0, 2] with u(0) = 1, i.e. u = exp(-t), as a PINN residual."""
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
         t = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
             tape.watch(t)
@@ -1138,7 +1353,13 @@ class DecayODE(kormos.BatchOptimizedSequentialModel):
 
 def test_physics_informed_ode_adam_then_lbfgs(float64):
     t = np.linspace(0, 2, 64)[:, None]
-    model = DecayODE([keras.Input((1,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    model = DecayODE(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     model.fit(t, epochs=100, batch_size=64, verbose=0)
     model.compile(optimizer="l-bfgs-b")
@@ -1202,7 +1423,10 @@ def test_mirrored_strategy_runs_on_every_replica_and_matches_one_device(tmp_path
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=Path(kormos.__file__).parent,
     )
     assert "MIRRORED-OK" in result.stdout, result.stdout + result.stderr[-3000:]
@@ -1241,8 +1465,9 @@ def test_streaming_dataset_of_ten_million_rows_stays_in_bounded_memory(tmp_path)
 
     script = tmp_path / "stream.py"
     script.write_text(STREAMING_SCRIPT)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
     match = re.search(r"STREAM-OK grew=(-?\d+)MB", result.stdout)
     assert match, result.stdout + result.stderr[-3000:]
     assert int(match.group(1)) < 250  # one batch is 8 MB; all rows 800 MB
@@ -1257,7 +1482,9 @@ def test_jit_compile_gives_the_same_objective(float64):
     assert xla._objective._fg_terms._jit_compile
     np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
     np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(
+        xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14
+    )
 
 
 # =============================================================================
@@ -1279,7 +1506,10 @@ def test_readme_python_blocks_run(tmp_path):
     script = tmp_path / "readme.py"
     script.write_text("\n\n".join(blocks))
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=420,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=420,
         cwd=Path(kormos.__file__).parent,
         env={**os.environ, "PYTHONPATH": str(Path(kormos.__file__).parent)},
     )

@@ -36,7 +36,10 @@ def build_model():
 model = build_model()
 model.compile(loss="mse", optimizer="l-bfgs-b")
 history = model.fit(
-    (users, items), ratings[:, None], epochs=200, verbose=0,
+    (users, items),
+    ratings[:, None],
+    epochs=200,
+    verbose=0,
     options={"gtol": 1e-8},
 )
 factors = model.optimizer.get_weights()

@@ -23,7 +23,9 @@ keras.utils.set_random_seed(0)
 class Poisson1D(kormos.BatchOptimizedSequentialModel):
     """Trains on the residual of u'' + pi^2 sin(pi x) = 0 plus boundary terms."""
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
         x = tf.convert_to_tensor(x)
         with tf.GradientTape() as outer:
             outer.watch(x)
@@ -38,12 +40,14 @@ class Poisson1D(kormos.BatchOptimizedSequentialModel):
 
 
 x = np.linspace(0.0, 1.0, 101)[:, None]
-model = Poisson1D([
-    keras.Input((1,)),
-    keras.layers.Dense(20, activation="tanh"),
-    keras.layers.Dense(20, activation="tanh"),
-    keras.layers.Dense(1),
-])
+model = Poisson1D(
+    [
+        keras.Input((1,)),
+        keras.layers.Dense(20, activation="tanh"),
+        keras.layers.Dense(20, activation="tanh"),
+        keras.layers.Dense(1),
+    ]
+)
 
 
 def max_error():
@@ -53,11 +57,15 @@ def max_error():
 start = time.perf_counter()
 model.compile(optimizer=keras.optimizers.Adam(1e-2))
 adam = model.fit(x, epochs=500, batch_size=len(x), verbose=0)
-print(f"Adam, 500 epochs:     loss {adam.history['loss'][-1]:.2e}, "
-      f"max |u - sin(pi x)| = {max_error():.2e}")
+print(
+    f"Adam, 500 epochs:     loss {adam.history['loss'][-1]:.2e}, "
+    f"max |u - sin(pi x)| = {max_error():.2e}"
+)
 
 model.compile(optimizer="l-bfgs-b")
 lbfgs = model.fit(x, epochs=500, verbose=0, options={"gtol": 1e-12, "ftol": 1e-16})
-print(f"then L-BFGS-B, {len(lbfgs.history['loss'])} iterations: "
-      f"loss {lbfgs.history['loss'][-1]:.2e}, max |u - sin(pi x)| = {max_error():.2e}")
+print(
+    f"then L-BFGS-B, {len(lbfgs.history['loss'])} iterations: "
+    f"loss {lbfgs.history['loss'][-1]:.2e}, max |u - sin(pi x)| = {max_error():.2e}"
+)
 print(f"total time: {time.perf_counter() - start:.0f} s")
