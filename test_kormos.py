@@ -527,6 +527,18 @@ def test_model_overriding_compute_loss_trains_on_that_loss(float64):
     assert abs(np.median(residual)) < 1e-3
 
 
+def test_evaluate_with_1d_targets_after_fit_with_validation():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    history = fit_quietly(model, x, y[:, 0], epochs=3, validation_data=(x, y[:, 0]))
+    np.testing.assert_allclose(
+        model.evaluate(x, y[:, 0], batch_size=200, verbose=0),
+        history.history["val_loss"][-1],
+        rtol=1e-5,
+    )
+
+
 def test_recompile_switches_between_adam_and_lbfgs_keeping_weights():
     x, y = regression_data()
     model = linear_model()
@@ -1070,7 +1082,7 @@ def test_bad_input_raises_before_weights_change(case):
     _, kwargs, error, pattern = case
     kwargs = dict(kwargs)
     model = linear_model()
-    max_dense = kwargs.pop("max_dense_params", 5000)
+    max_dense = kwargs.pop("max_dense_params", 2000)
     model.compile(
         loss="mse", optimizer=kormos.ScipyBatchOptimizer(max_dense_params=max_dense)
     )
