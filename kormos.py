@@ -500,9 +500,9 @@ def _align_target(y, y_pred):
         p == 1 and t is not None and t > 1 for t, p in zip(y.shape[1:], p_shape[1:])
     ):
         raise ValueError(
-            f"The target shape {tuple(y.shape)} would silently broadcast "
-            f"against the model output shape {tuple(p_shape)}, giving a wrong "
-            "loss. Reshape `y` to match the output."
+            f"The target shape {(None, *y.shape[1:])} would silently broadcast "
+            f"against the model output shape {(None, *p_shape[1:])}, giving a "
+            "wrong loss. Reshape `y` to match the output."
         )
     return y
 
@@ -1491,8 +1491,9 @@ def _make_callbacks(model, callbacks, verbose, epochs):
             )
             continue
         kept.append(callback)
+    # History first: an iteration that a later callback interrupts is logged.
     history = keras.callbacks.History()
-    kept.append(history)
+    kept.insert(0, history)
     if verbose == 1:
         kept.append(_SolverProgbar(epochs))
     callback_list = keras.callbacks.CallbackList(
@@ -1706,7 +1707,11 @@ def _plan_stages(method, epochs, options, pretrain_fn, initial_epoch):
         stage_method = nth(method, i)
         if stage_method is not None:
             _canonical_method(stage_method)
-        _check_options(nth(options, i))
+        if not isinstance(nth(options, i), (dict, type(None))):
+            raise TypeError(
+                "`options` must be a dict of solver options, or a list of "
+                f"dicts (one per chained solver). Received: options={options!r}"
+            )
         stages.append((stage_method, int(budget), nth(options, i), nth(pretrain_fn, i)))
     return stages
 

@@ -849,7 +849,7 @@ def test_keyboard_interrupt_returns_history_and_keeps_last_iterate(tmp_path):
             keras.callbacks.LambdaCallback(on_epoch_end=interrupt),
         ],
     )
-    assert len(history.history["loss"]) == 2
+    assert len(history.history["loss"]) == 3  # the interrupted iteration is logged
     np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
     assert "KeyboardInterrupt" in model.optimizer.results[-1].message
     assert csv.read_text().count("\n") == 4  # header + 3 rows, file closed
@@ -1092,6 +1092,22 @@ def test_bad_input_raises_before_weights_change(case):
         model.fit(**fit_kwargs)
     for a, b in zip(before, weights_of(model)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_precision_loss_warns_to_use_float64():
+    x, y = regression_data()
+    model = linear_model(l2=0)
+    model.compile(loss="mse", optimizer="bfgs")
+    with pytest.warns(UserWarning, match="float32.*set_floatx\\('float64'\\)"):
+        model.fit(x, y, epochs=200, verbose=0, options={"gtol": 1e-12})
+    assert "float32" in model.optimizer.results[-1].message
+
+
+def test_nonneg_constraint_with_a_method_without_bounds_warns():
+    model = linear_model(kernel_constraint=keras.constraints.NonNeg())
+    model.compile(loss="mse", optimizer="cg")
+    with pytest.warns(UserWarning, match="'cg' cannot enforce the NonNeg"):
+        model.fit(X5, Y5, epochs=2, verbose=0)
 
 
 def test_unknown_optimizer_in_compile_lists_choices():
