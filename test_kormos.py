@@ -1542,3 +1542,15 @@ def test_readme_python_blocks_run(tmp_path):
         env={**os.environ, "PYTHONPATH": str(Path(kormos.__file__).parent)},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_solver_runs_with_one_blas_thread_and_restores_it():
+    setters = kormos._openblas_thread_setters()
+    if not setters:
+        pytest.skip("numpy and scipy bundle no OpenBLAS here")
+    original = [setter(2) for setter in setters]
+    with kormos._one_blas_thread():
+        inside = [setter(1) for setter in setters]
+    after = [setter(threads) for setter, threads in zip(setters, original)]
+    assert inside == [1] * len(setters)
+    assert after == [2] * len(setters)
