@@ -1357,7 +1357,8 @@ def _note_float32_stall(result, variables):
         result.message = (
             f"{result.message} The model computes in float32, whose loss "
             "cannot resolve smaller steps; call "
-            "keras.config.set_floatx('float64') before building the model."
+            "keras.config.set_floatx('float64') and "
+            "keras.config.set_dtype_policy('float64') before building the model."
         )
         warnings.warn(result.message, stacklevel=3)
 
