@@ -1638,7 +1638,38 @@ class _BatchOptimizedMixin:
         self.optimizer = batch_optimizer
 
     def fit(self, *args, **kwargs):
-        """Trains the model; see `_fit_batch` for the full-batch arguments."""
+        """Trains the model: full-batch if compiled with a batch optimizer.
+
+        Compiled with a Keras optimizer, this is `keras.Model.fit`. Compiled
+        with a `BatchOptimizer`, the solver runs on ALL the training data.
+
+        The arguments shared with `keras.Model.fit` mean what they mean there,
+        with one solver iteration as one epoch; `shuffle` has no effect.
+
+        Args:
+            batch_size: Rows per mini-batch of an evaluation. It only bounds
+                memory: the objective is always over all samples. `None` puts
+                all rows in one batch.
+            epochs: The iteration budget (scipy's `maxiter`), or a list of
+                budgets when `method` is a list. Defaults to `20`.
+            method, options, bounds, constraints, tol: Override the
+                optimizer's settings for this fit; see `ScipyBatchOptimizer`.
+                `method`, `epochs`, `options` and `pretrain_fn` may be lists
+                of equal length to chain solvers, each warm-started from the
+                last.
+            pretrain_fn: `fn(model)` called before the solver starts (for
+                example to freeze a layer), or a list of them for a chain.
+
+        Returns:
+            A `keras.callbacks.History` with one row per solver iteration:
+            `loss`, `grad` (gradient 2-norm), `fg_evals`, `hessp_evals`, the
+            compiled metrics on the training data and `val_*` entries.
+
+        Raises:
+            ValueError: If the model is not compiled, or for bad data or
+                solver arguments; raised before any weight changes.
+            TypeError: If `options` is neither a dict nor a list of dicts.
+        """
         if not getattr(self, "compiled", False):
             raise ValueError(
                 "You must call `compile()` before `fit()`, e.g. "
@@ -1673,30 +1704,7 @@ class _BatchOptimizedMixin:
         tol=None,
         pretrain_fn=None,
     ):
-        """Trains the model with its batch optimizer on ALL the training data.
-
-        The arguments shared with `keras.Model.fit` mean what they mean there,
-        with one solver iteration as one epoch; `shuffle` has no effect.
-
-        Args:
-            batch_size: Rows per mini-batch of an evaluation. It only bounds
-                memory: the objective is always over all samples. `None` puts
-                all rows in one batch.
-            epochs: The iteration budget (scipy's `maxiter`), or a list of
-                budgets when `method` is a list. Defaults to `20`.
-            method, options, bounds, constraints, tol: Override the
-                optimizer's settings for this fit; see `ScipyBatchOptimizer`.
-                `method`, `epochs`, `options` and `pretrain_fn` may be lists
-                of equal length to chain solvers, each warm-started from the
-                last.
-            pretrain_fn: `fn(model)` called before the solver starts (for
-                example to freeze a layer), or a list of them for a chain.
-
-        Returns:
-            A `keras.callbacks.History` with one row per solver iteration:
-            `loss`, `grad` (gradient 2-norm), `fg_evals`, `hessp_evals`, the
-            compiled metrics on the training data and `val_*` entries.
-        """
+        """Runs the full-batch fit; `fit()` documents the arguments."""
         stages = _plan_stages(method, epochs, options, pretrain_fn, initial_epoch)
         validation = None
         if validation_split and validation_data is None:
