@@ -141,6 +141,13 @@ def unpack_weights(x, variables):
     Values are cast to each variable's dtype. Nothing is assigned unless `x`
     has exactly as many entries as `variables` hold.
 
+    Example:
+
+    ```python
+    x = kormos.pack_weights(model.trainable_variables)
+    kormos.unpack_weights(np.zeros_like(x), model.trainable_variables)
+    ```
+
     Args:
         x: A 1-D array-like of size `sum(v.size for v in variables)`.
         variables: The list of Keras variables to assign into.
