@@ -569,6 +569,7 @@ class _Objective:
         self.model = model
         self.variables = list(model.trainable_variables)
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.size = sum(self.sizes)
         self.unused_variables = []
         self.strategy = model.distribute_strategy
         self.replicas = self.strategy.num_replicas_in_sync
@@ -647,7 +648,7 @@ class _Objective:
         if self.has_metrics:
             self.model.reset_metrics()
         zero = tf.constant(0.0, tf.float64)
-        state = (zero, zero, tf.zeros([sum(self.sizes)], tf.float64))
+        state = (zero, zero, tf.zeros([self.size], tf.float64))
 
         def step(batch, state):
             terms = self._sum_over_replicas(self._fg_terms, batch)
@@ -676,7 +677,7 @@ class _Objective:
             for p, w in zip(tf.split(v, self.sizes), self.variables)
         ]
         zero = tf.constant(0.0, tf.float64)
-        state = (zero, tf.zeros([sum(self.sizes)], tf.float64))
+        state = (zero, tf.zeros([self.size], tf.float64))
 
         def step(batch, state):
             terms = self._sum_over_replicas(self._hessp_terms, batch, vs)
@@ -860,7 +861,8 @@ class BatchOptimizer:
 
     def set_weights(self, x):
         """Assigns the flat vector `x` to the trainable weights."""
-        x = _as_flat_float64(x, _flat_size(self.variables))
+        self._require_built()
+        x = _as_flat_float64(x, self._objective.size)
         self._objective.assign(tf.constant(x))
         self._assigned = x.tobytes()
 
@@ -909,7 +911,7 @@ class BatchOptimizer:
             A float64 vector.
         """
         self._require_built()
-        n = _flat_size(self.variables)
+        n = self._objective.size
         x, v = _as_flat_float64(x, n), _as_flat_float64(v, n, "v")
         key = ("hessp", x.tobytes(), v.tobytes())
         if key not in self._cache:
@@ -925,14 +927,15 @@ class BatchOptimizer:
         Use it only for small models: it costs `n` passes over the data and
         `8 * n**2` bytes.
         """
-        n = _flat_size(self.variables)
+        self._require_built()
+        n = self._objective.size
         columns = [self.hessp(x, np.eye(1, n, i).ravel()) for i in range(n)]
         h = np.stack(columns, axis=1)
         return 0.5 * (h + h.T)
 
     def _evaluate(self, x):
         self._require_built()
-        x = _as_flat_float64(x, _flat_size(self.variables))
+        x = _as_flat_float64(x, self._objective.size)
         key = ("fg", x.tobytes())
         if key not in self._cache:
             self.fg_evals += 1
@@ -1189,7 +1192,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
         name = method if isinstance(method, str) else "custom"
         if name not in _NO_MAXITER + _MAXITER_COUNTS_EVALS:
             options["maxiter"] = min(int(options.get("maxiter", epochs)), epochs)
-        n = _flat_size(self.variables)
+        n = self._objective.size
         _check_dense_size(name, n, self.max_dense_params)
         run = {
             "method": method,

@@ -281,6 +281,16 @@ def test_evaluations_are_cached_and_counted():
     assert optimizer.fg_evals == 2
 
 
+def test_unbound_optimizer_says_to_build_it():
+    optimizer = kormos.ScipyBatchOptimizer()
+    for call in (
+        lambda: optimizer.func(np.zeros(3)),
+        lambda: optimizer.set_weights(np.zeros(3)),
+    ):
+        with pytest.raises(RuntimeError, match="not bound to a model"):
+            call()
+
+
 def test_set_weights_rejects_wrong_size():
     _, optimizer, _, _ = mlp_problem()
     with pytest.raises(ValueError, match="flat vector of size 21"):
