@@ -639,7 +639,12 @@ class _Objective:
             return fn(*self.data.with_nones(parts), *args)
 
         per_replica = self.strategy.run(replica_fn, args=tuple(batch))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        # One reduction per term: MultiWorkerMirroredStrategy packs a nested
+        # reduction into one tensor, which fails for terms of different shapes.
+        return tuple(
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, term, axis=None)
+            for term in per_replica
+        )
 
     # -- Whole passes -------------------------------------------------------
 

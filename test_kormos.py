@@ -1564,3 +1564,75 @@ def test_solver_runs_with_one_blas_thread_and_restores_it():
     after = [setter(threads) for setter, threads in zip(setters, original)]
     assert inside == [1] * len(setters)
     assert after == [2] * len(setters)
+
+
+MULTI_WORKER_SCRIPT = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+index, ports = int(sys.argv[1]), sys.argv[2].split(",")
+if index >= 0:
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+        "task": {"type": "worker", "index": index},
+    })
+import numpy as np, tensorflow as tf, keras
+keras.config.set_floatx("float64")
+import kormos
+
+if index >= 0:
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+else:
+    strategy = tf.distribute.get_strategy()
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(101, 4)); y = np.tanh(x @ rng.normal(size=(4, 1)))
+with strategy.scope():
+    model = kormos.BatchOptimizedSequentialModel([keras.Input((4,)), keras.layers.Dense(8, activation="tanh",
+        kernel_regularizer=keras.regularizers.L2(1e-3)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+history = model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+print("RESULT", json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"],
+                            "weights": model.optimizer.get_weights().tolist()}), flush=True)
+"""
+
+
+def test_multi_worker_strategy_on_two_local_processes_matches_one_device(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(MULTI_WORKER_SCRIPT)
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = ",".join(str(s.getsockname()[1]) for s in sockets)
+    for s in sockets:
+        s.close()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(index), ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1, -1)  # two workers over loopback, and one device
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=240)
+            match = re.search(r"^RESULT (.*)$", out, flags=re.M)
+            assert match, out + err[-3000:]
+            outputs.append(json.loads(match.group(1)))
+    finally:
+        for process in processes:
+            process.kill()
+    worker0, worker1, single = outputs
+    assert worker0["replicas"] == worker1["replicas"] == 2 and single["replicas"] == 1
+    for worker in (worker0, worker1):
+        np.testing.assert_allclose(worker["loss"], single["loss"], rtol=1e-10)
+        np.testing.assert_allclose(
+            worker["weights"], single["weights"], rtol=1e-10, atol=1e-14
+        )
