@@ -1635,6 +1635,15 @@ class _BatchOptimizedMixin:
         `keras.optimizers.SGD(...)`) is passed to `keras.Model.compile` and
         `fit()` trains as usual. Recompiling keeps the weights.
 
+        Example:
+
+        ```python
+        model.compile(loss="mse", optimizer="adam")      # Keras training
+        model.fit(x, y, epochs=5)
+        model.compile(loss="mse", optimizer="l-bfgs-b")  # full-batch solver
+        model.fit(x, y, epochs=50)
+        ```
+
         Args:
             optimizer: The optimizer, see above. Defaults to `"rmsprop"`.
             **kwargs: Every other argument of `keras.Model.compile` (`loss`,
@@ -1660,6 +1669,18 @@ class _BatchOptimizedMixin:
 
         The arguments shared with `keras.Model.fit` mean what they mean there,
         with one solver iteration as one epoch; `shuffle` has no effect.
+
+        Example:
+
+        ```python
+        model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
+        history = model.fit(
+            x, y, epochs=100, validation_split=0.2,
+            callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")],
+        )
+        # Chain solvers: 50 L-BFGS-B iterations, then 10 of Newton-CG.
+        model.fit(x, y, method=["l-bfgs-b", "newton-cg"], epochs=[50, 10])
+        ```
 
         Args:
             batch_size: Rows per mini-batch of an evaluation. It only bounds
