@@ -293,15 +293,10 @@ def _make_data(
                 f" Received: y={type(y).__name__}, "
                 f"sample_weight={type(sample_weight).__name__}"
             )
-        return _make_dataset_data(model, x, class_weight, steps, argname)
+        return _make_dataset_data(x, class_weight, steps, argname)
     if x is None:
         raise ValueError(f"`{argname}` is required. Received: {argname}=None")
-    dtype = model.compute_dtype
-    x = _to_tensors(x, "x", dtype)
-    y = None if y is None else _to_tensors(y, "y", dtype)
-    if sample_weight is not None:
-        sample_weight = _to_tensors(sample_weight, "sample_weight", dtype)
-    size = _check_lengths(x, y, sample_weight, argname)
+    x, y, sample_weight, size = _array_tensors(model, x, y, sample_weight, argname)
     if class_weight is not None:
         sample_weight = _apply_class_weight(y, sample_weight, class_weight)
     return _Data(
@@ -309,6 +304,15 @@ def _make_data(
         batch_size=batch_size or size,
         size=size,
     )
+
+
+def _array_tensors(model, x, y, sample_weight, argname):
+    """Returns `(x, y, sample_weight, rows)` as tensors of checked lengths."""
+    x, y, sample_weight = (
+        None if part is None else _to_tensors(part, name, model.compute_dtype)
+        for part, name in ((x, "x"), (y, "y"), (sample_weight, "sample_weight"))
+    )
+    return x, y, sample_weight, _check_lengths(x, y, sample_weight, argname)
 
 
 def _check_batch_size(batch_size):
@@ -421,7 +425,7 @@ def _class_weights_for(labels, class_weight):
     return tf.gather(tf.constant(table), labels)
 
 
-def _make_dataset_data(model, dataset, class_weight, steps, argname):
+def _make_dataset_data(dataset, class_weight, steps, argname):
     """Wraps a batched dataset so that it yields `(x, y, sample_weight)`."""
     spec = dataset.element_spec
     if isinstance(spec, tuple) and not 1 <= len(spec) <= 3:
@@ -444,8 +448,7 @@ def _make_dataset_data(model, dataset, class_weight, steps, argname):
             element if len(element) > 1 else element[0]
         )
         if class_weight is not None:
-            w = _class_weights_for(tf.nest.flatten(y)[0], class_weight)
-            sw = w if sw is None else w * tf.cast(tf.reshape(sw, [-1]), w.dtype)
+            sw = _apply_class_weight(y, sw, class_weight)
         return x, y, sw
 
     return _Data(dataset=dataset.map(normalize), size=None)
@@ -463,11 +466,7 @@ def _split_validation(model, x, y, sample_weight, validation_split):
             "`validation_split` is only supported for array inputs, not for a "
             "`tf.data.Dataset`. Pass `validation_data` instead."
         )
-    x, y, sw = (
-        None if part is None else _to_tensors(part, name, model.compute_dtype)
-        for part, name in ((x, "x"), (y, "y"), (sample_weight, "sample_weight"))
-    )
-    size = _check_lengths(x, y, sw, "x")
+    x, y, sw, size = _array_tensors(model, x, y, sample_weight, "x")
     split = int(math.floor(size * (1.0 - validation_split)))
     if split == 0 or split == size:
         raise ValueError(
@@ -483,10 +482,11 @@ def _split_validation(model, x, y, sample_weight, validation_split):
 def _align_targets(y, y_pred):
     """Aligns `y` to `y_pred` the way Keras 2 did, or raises.
 
-    A target with fewer dimensions than the output gets the output's trailing
-    unit dimensions (y of shape (n,) against an output (n, 1, 1) becomes
-    (n, 1, 1)), so that the loss never broadcasts to (n, 1, n). A target whose
-    dimension would broadcast against a unit output dimension is an error.
+    A target two or more dimensions short of the output gets the output's
+    trailing unit dimensions (y of shape (n,) against an output (n, 1, 1)
+    becomes (n, 1, 1)), so that the loss never broadcasts to (n, 1, n); Keras
+    handles a gap of one itself. A target whose dimension would broadcast
+    against a unit output dimension is an error.
     """
     if y is None or tf.nest.is_nested(y) != tf.nest.is_nested(y_pred):
         return y
@@ -622,13 +622,18 @@ class _Objective:
         return rows, f, _flatten_float64(grads, self.variables)
 
     def _batch_hessp_terms(self, x, y, sample_weight, vs):
+        def rows_times_loss():
+            return self._data_loss(x, y, sample_weight)[1]
+
+        return _batch_size_of(x), self._hessian_times(rows_times_loss, vs)
+
+    def _hessian_times(self, value_fn, vs):
+        """Returns H @ v of the scalar `value_fn()`, by reverse-over-reverse."""
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
-                rows, f, _, _ = self._data_loss(x, y, sample_weight)
-            gv = _dot(inner.gradient(f, self.variables), vs)
-        return rows, _flatten_float64(
-            outer.gradient(gv, self.variables), self.variables
-        )
+                value = value_fn()
+            gv = _dot(inner.gradient(value, self.variables), vs)
+        return _flatten_float64(outer.gradient(gv, self.variables), self.variables)
 
     def _sum_over_replicas(self, fn, batch, *args):
         """Runs `fn` on a batch: directly, or split over replicas and summed."""
@@ -691,13 +696,8 @@ class _Objective:
         rows, hv = _loop_over_batches(self.data, step, state)
         hv = hv / rows
         if self.replicas > 1:
-            with tf.GradientTape() as outer:
-                with tf.GradientTape() as inner:
-                    reg = _weight_regularization(self.model)
-                gv = _dot(inner.gradient(reg, self.variables), vs)
-            hv = hv + _flatten_float64(
-                outer.gradient(gv, self.variables), self.variables
-            )
+            regularization = functools.partial(_weight_regularization, self.model)
+            hv = hv + self._hessian_times(regularization, vs)
         return hv
 
 

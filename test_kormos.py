@@ -659,6 +659,25 @@ def test_class_weight_equals_the_matching_sample_weight(float64):
     np.testing.assert_allclose(histories[0]["loss"], histories[1]["loss"], rtol=1e-12)
 
 
+def test_class_weight_on_a_dataset_equals_class_weight_on_arrays(float64):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(120, 4))
+    one_hot = keras.utils.to_categorical((x[:, 0] > 0.4).astype(int), 2)
+    losses = []
+    for data in (
+        (x, one_hot),
+        (tf.data.Dataset.from_tensor_slices((x, one_hot)).batch(50),),
+    ):
+        keras.utils.set_random_seed(7)
+        model = kormos.BatchOptimizedSequentialModel(
+            [keras.Input((4,)), keras.layers.Dense(2, activation="softmax")]
+        )
+        model.compile(loss="categorical_crossentropy", optimizer="l-bfgs-b")
+        history = fit_quietly(model, *data, epochs=4, class_weight={0: 1.0, 1: 3.0})
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-10)
+
+
 # =============================================================================
 # Callbacks, progress, metrics, validation
 # =============================================================================
