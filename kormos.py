@@ -1176,8 +1176,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
             self.set_weights(tracker.last_x)
             raise
         else:
-            self.set_weights(result.x)
-            tracker.log_final(result.x)
+            tracker.log_final(result.x)  # the callback sets these weights itself
             _note_float32_stall(result, self.variables)
         self.set_weights(result.x)
         self.results.append(result)
