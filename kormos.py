@@ -565,7 +565,7 @@ class _Objective:
     weight regularization is added once.
     """
 
-    def __init__(self, model, data, jit_compile=False):
+    def __init__(self, model, data, xla=False, xla_optional=False):
         self.model = model
         self.variables = list(model.trainable_variables)
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
@@ -577,22 +577,42 @@ class _Objective:
         self._loss_takes_training = (
             "training" in inspect.signature(model.compute_loss).parameters
         )
-        # Only an XLA batch step needs a (nested, compiled) function of its
-        # own; otherwise the step is traced straight into `fg` and `hessp`.
-        self._fg_terms, self._hessp_terms = (
-            self._batch_fg_terms,
-            self._batch_hessp_terms,
-        )
-        if jit_compile:
-            self._fg_terms = tf.function(self._fg_terms, jit_compile=True)
-            self._hessp_terms = tf.function(self._hessp_terms, jit_compile=True)
         # Without compiled metrics, skip resetting, updating and reading them.
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
-        self.fg = _ConcreteCall(tf.function(self._fg))
-        self.hessp = _ConcreteCall(tf.function(self._hessp))
+        self.xla = xla
+        self.fg = self._compile(self._fg, self._batch_fg_terms, xla, xla_optional)
+        self.hessp = self._compile(
+            self._hessp, self._batch_hessp_terms, xla, xla_optional
+        )
         self.assign = _ConcreteCall(
             tf.function(lambda x: _assign_flat(x, self.variables))
         )
+
+    def _compile(self, whole_pass, batch_terms, xla, xla_optional):
+        """Returns `whole_pass` as a `_ConcreteCall`, compiled with XLA or not.
+
+        With XLA, a pass over one in-memory batch is compiled whole; a pass
+        that loops (over slices or a dataset) compiles only its batch step,
+        as a nested function. With `xla_optional`, a model that XLA cannot
+        compile falls back to the plain graph.
+        """
+
+        def compiled(terms, jit_compile=False):
+            # A closure, not functools.partial: tf.function would bind the
+            # partial's keyword at every call (0.3 ms).
+            def run(*tensors):
+                return whole_pass(*tensors, batch_terms=terms)
+
+            return tf.function(run, jit_compile=jit_compile)
+
+        plain = compiled(batch_terms)
+        if not xla:
+            return _ConcreteCall(plain)
+        if self.data.tensors is not None and self.data.num_batches == 1:
+            with_xla = compiled(batch_terms, jit_compile=True)
+        else:
+            with_xla = compiled(tf.function(batch_terms, jit_compile=True))
+        return _ConcreteCall(with_xla, fallback=plain if xla_optional else None)
 
     # -- One batch (or one replica's share of it) -------------------------
 
@@ -653,7 +673,7 @@ class _Objective:
 
     # -- Whole passes -------------------------------------------------------
 
-    def _fg(self, x):
+    def _fg(self, x, batch_terms):
         _assign_flat(x, self.variables)
         if self.has_metrics:
             self.model.reset_metrics()
@@ -661,7 +681,7 @@ class _Objective:
         state = (zero, zero, tf.zeros([self.size], tf.float64))
 
         def step(batch, state):
-            terms = self._sum_over_replicas(self._fg_terms, batch)
+            terms = self._sum_over_replicas(batch_terms, batch)
             return tuple(s + t for s, t in zip(state, terms))
 
         rows, f, g = _loop_over_batches(self.data, step, state)
@@ -680,7 +700,7 @@ class _Objective:
             }
         return f, g, metrics
 
-    def _hessp(self, x, v):
+    def _hessp(self, x, v, batch_terms):
         _assign_flat(x, self.variables)
         vs = [
             tf.cast(tf.reshape(p, w.shape), w.dtype)
@@ -690,7 +710,7 @@ class _Objective:
         state = (zero, tf.zeros([self.size], tf.float64))
 
         def step(batch, state):
-            terms = self._sum_over_replicas(self._hessp_terms, batch, vs)
+            terms = self._sum_over_replicas(batch_terms, batch, vs)
             return tuple(s + t for s, t in zip(state, terms))
 
         rows, hv = _loop_over_batches(self.data, step, state)
@@ -707,16 +727,29 @@ class _ConcreteCall:
     kormos calls its functions with float64 vectors of one fixed size, so
     after the first call the concrete function is called directly, skipping
     tf.function's argument binding and trace lookup (about 0.1 ms a call,
-    15-20% of a small model's evaluation).
+    15-20% of a small model's evaluation). If the first call fails and a
+    `fallback` function is given, the fallback is used from then on.
     """
 
-    def __init__(self, function):
+    def __init__(self, function, fallback=None):
         self.function = function
+        self.fallback = fallback
+        self.fell_back = False
         self.concrete = None
 
     def __call__(self, *args):
-        if self.concrete is None:
+        if self.concrete is not None:
+            return self.concrete(*args)
+        try:
             self.concrete = self.function.get_concrete_function(*args)
+            return self.concrete(*args)
+        except Exception:
+            # XLA rejects some ops only when it compiles, at the first call.
+            if self.fallback is None:
+                self.concrete = None
+                raise
+        self.function, self.fallback, self.fell_back = self.fallback, None, True
+        self.concrete = self.function.get_concrete_function(*args)
         return self.concrete(*args)
 
 
@@ -841,7 +874,8 @@ class BatchOptimizer:
                 "some of its layers are trainable."
             )
         self.model = model
-        self._objective = _Objective(model, data, jit_compile=_jit_compile(model))
+        xla, optional = _xla_choice(model)
+        self._objective = _Objective(model, data, xla=xla, xla_optional=optional)
         self._reset_counters()
         return self
 
@@ -918,11 +952,11 @@ class BatchOptimizer:
         self._require_built()
         n = self._objective.size
         x, v = _as_flat_float64(x, n), _as_flat_float64(v, n, "v")
-        key = ("hessp", x.tobytes(), v.tobytes())
+        key = _PointKey("hessp", x, v)
         if key not in self._cache:
             self.hessp_evals += 1
             hv = self._objective.hessp(tf.constant(x), tf.constant(v)).numpy()
-            self._assigned = key[1]
+            self._assigned = key.point
             self._remember(key, hv)
         return self._cache[key]
 
@@ -941,11 +975,11 @@ class BatchOptimizer:
     def _evaluate(self, x):
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        key = ("fg", x.tobytes())
+        key = _PointKey("fg", x)
         if key not in self._cache:
             self.fg_evals += 1
             f, g, metrics = self._objective.fg(tf.constant(x))
-            self._assigned = key[1]
+            self._assigned = key.point
             value = (
                 float(f),
                 g.numpy(),
@@ -1002,6 +1036,33 @@ class BatchOptimizer:
         return f"{type(self).__name__}({self.get_config()})"
 
 
+class _PointKey:
+    """A cache key for an evaluation at float64 vectors, cheap to hash.
+
+    Hashing every byte of a 50,000-weight vector costs 0.1 ms, more than a
+    small model's evaluation; the hash covers a sample of at most 64 entries
+    of each vector, while equality still compares every byte.
+    """
+
+    __slots__ = ("parts", "_hash")
+
+    def __init__(self, kind, *vectors):
+        self.parts = (kind,) + tuple(v.tobytes() for v in vectors)
+        sample = tuple(v[:: max(1, v.size // 64)].tobytes() for v in vectors)
+        self._hash = hash((kind,) + sample)
+
+    @property
+    def point(self):
+        """The bytes of the point `x` (the first vector)."""
+        return self.parts[1]
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _PointKey) and self.parts == other.parts
+
+
 def _as_flat_float64(x, n, argname="x"):
     """Returns `x` as a float64 vector of size `n`, or raises."""
     x = np.asarray(x, dtype=np.float64)
@@ -1012,9 +1073,38 @@ def _as_flat_float64(x, n, argname="x"):
     return x
 
 
-def _jit_compile(model):
-    """Returns the model's resolved `jit_compile` setting."""
-    return bool(getattr(model, "jit_compile", False))
+def _xla_choice(model):
+    """Returns `(xla, optional)`: compile the batch step with XLA, and may
+    kormos fall back to a plain graph if XLA cannot compile the model.
+
+    `compile(jit_compile=True)` asks for XLA (errors propagate) and
+    `jit_compile=False` forbids it. For `"auto"`, Keras turns XLA off on
+    CPUs and on for GPUs where the layers support it; kormos keeps that,
+    except that on CPUs it compiles models with an `Embedding` layer: XLA
+    runs their gather/scatter 5-8x faster than TensorFlow's CPU kernels
+    (matrix factorization in benchmarks/bench.py), while it makes a float32
+    MLP 1.4-1.5x slower.
+    """
+    if model.jit_compile:
+        return True, False
+    request = getattr(model, "_kormos_jit_compile", "auto")
+    auto = request == "auto" and not model.run_eagerly
+    if not auto or model.distribute_strategy.num_replicas_in_sync > 1:
+        return False, False
+    layers = _all_layers(model)
+    if not all(getattr(layer, "supports_jit", True) for layer in layers):
+        return False, False
+    embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
+    return embedding, True
+
+
+def _all_layers(model):
+    """Returns every layer nested in `model`, custom layers' sublayers too.
+
+    Keras 3 has no public recursive walk (`model.layers` lists only the top
+    level), so this uses the private `_flatten_layers`.
+    """
+    return list(model._flatten_layers(include_self=False))
 
 
 def _probe_model(model, data):
@@ -1659,6 +1749,8 @@ class _BatchOptimizedMixin:
         batch_optimizer = get(optimizer)
         super().compile(optimizer="sgd", **kwargs)
         self.optimizer = batch_optimizer
+        # Keras resolves "auto" at once; kormos' own "auto" needs the request.
+        self._kormos_jit_compile = kwargs.get("jit_compile", "auto")
 
     def fit(self, *args, **kwargs):
         """Trains the model: full-batch if compiled with a batch optimizer.
@@ -1769,6 +1861,7 @@ class _BatchOptimizedMixin:
         config = super().get_compile_config()
         if config is not None and isinstance(self.optimizer, BatchOptimizer):
             config["optimizer"] = keras.saving.serialize_keras_object(self.optimizer)
+            config["jit_compile"] = getattr(self, "_kormos_jit_compile", "auto")
         return config
 
     def compile_from_config(self, config):

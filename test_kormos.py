@@ -1536,12 +1536,85 @@ def test_jit_compile_gives_the_same_objective(float64):
     model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=True)
     assert model.jit_compile
     xla = model.optimizer.build(model, x, y, batch_size=16)
-    assert xla._objective._fg_terms._jit_compile
+    assert xla._objective.xla and not xla._objective.fg.fell_back
     np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
     np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(
         xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14
     )
+
+
+class _NumpyOnes(keras.layers.Layer):
+    """Multiplies by ones computed in numpy: an op that XLA cannot compile."""
+
+    def call(self, x):
+        ones = tf.numpy_function(np.ones_like, [x], x.dtype, stateful=False)
+        return x * tf.stop_gradient(tf.reshape(ones, tf.shape(x)))
+
+
+def embedding_model(jit_compile="auto", numpy_layer=False):
+    keras.utils.set_random_seed(0)
+    item = keras.Input((), dtype="int32")
+    h = keras.layers.Embedding(20, 3)(item)
+    if numpy_layer:
+        h = _NumpyOnes()(h)
+    model = kormos.BatchOptimizedModel(item, keras.layers.Dense(1)(h))
+    model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=jit_compile)
+    return model
+
+
+def embedding_data():
+    items = np.arange(300) % 20
+    return items, np.random.default_rng(0).normal(size=(300, 1))
+
+
+@pytest.mark.parametrize(
+    "jit_compile, numpy_layer, expected",
+    [("auto", False, "xla"), (False, False, "plain"), ("auto", True, "fell back")],
+)
+def test_auto_jit_compiles_embedding_models_and_falls_back(
+    float64, jit_compile, numpy_layer, expected
+):
+    x, y = embedding_data()
+    model = embedding_model(jit_compile, numpy_layer)
+    assert not model.jit_compile  # Keras' "auto" is off on a CPU
+    opt = model.optimizer.build(model, x, y)
+    w0 = opt.get_weights()
+    v = np.random.default_rng(1).normal(size=w0.size)
+    f, g = opt.func_and_grad(w0)
+    hv = opt.hessp(w0, v)
+    objective = opt._objective
+    for function in (objective.fg, objective.hessp):
+        state = "plain" if not objective.xla else "xla"
+        state = "fell back" if function.fell_back else state
+        assert state == expected
+    # Reference: the same model with XLA forbidden.
+    reference_model = embedding_model(False)
+    reference = reference_model.optimizer.build(reference_model, x, y)
+    f0, g0 = reference.func_and_grad(w0)
+    np.testing.assert_allclose(f, f0, rtol=1e-12)
+    np.testing.assert_allclose(g, g0, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(hv, reference.hessp(w0, v), rtol=1e-10, atol=1e-14)
+
+
+def test_jit_compile_true_raises_when_xla_cannot_compile(float64):
+    x, y = embedding_data()
+    model = embedding_model(True, numpy_layer=True)
+    opt = model.optimizer.build(model, x, y)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        opt.func(opt.get_weights())
+
+
+def test_saved_model_keeps_the_jit_compile_request(tmp_path):
+    x, y = embedding_data()
+    model = embedding_model("auto")
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_compile_config()["jit_compile"] == "auto"
+    loaded.fit(x, y, epochs=1, verbose=0)
+    assert loaded.optimizer._objective.xla
 
 
 # =============================================================================
