@@ -56,6 +56,7 @@ threadpoolctl.
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import itertools
 import os
@@ -201,8 +202,9 @@ class Problem:
     """A model, its data, its hand-written ideal loss and a torch twin."""
 
     name = dtype = None
-    xla = False  # time the XLA (jit_compile=True) ideal and kormos too
-    xla_fit = False  # also run the convergence test with jit_compile=True
+    xla = False  # time kormos and the ideal both with and without XLA
+    xla_fit = False  # also run the convergence test in the other XLA mode
+    torch_variants = (None,)  # torch twins: None is the layer-for-layer one
     l2 = 0.0
     transpose_2d = True  # torch twin: Linear weights are Keras kernels transposed
 
@@ -211,7 +213,7 @@ class Problem:
         self.make_data()
 
     # Keras model (a kormos model) -------------------------------------------
-    def keras_model(self, jit_compile=False, optimizer="l-bfgs-b", seed=1):
+    def keras_model(self, jit_compile="auto", optimizer="l-bfgs-b", seed=1):
         with floatx(self.dtype):
             keras.utils.set_random_seed(seed)
             model = self.build_keras()
@@ -227,6 +229,11 @@ class Problem:
     def torch_loss(self, model, x, y):
         raise NotImplementedError
 
+    def limits(self):
+        """Returns the convergence runs' (iteration cap, time budget in s)."""
+        iters, budget = self.iters, self.budget
+        return (iters[0], budget[0]) if QUICK else (iters[1], budget[1])
+
 
 def _l2(variables, lam, names):
     total = 0.0
@@ -240,7 +247,7 @@ class LinReg(Problem):
     name, dtype = "linreg 1000x50", "float32"
     keras_loss = "mse"
     l2 = 1e-4
-    iters = (60, 100)
+    iters, budget = (60, 100), (2.0, 5.0)
 
     def make_data(self):
         x = self.rng.normal(size=(1000, 50))
@@ -261,7 +268,7 @@ class LinReg(Problem):
     def ideal_loss(self, y, pred, variables):
         return tf.reduce_mean(tf.square(y - pred)) + _l2(variables, self.l2, ["kernel"])
 
-    def torch_model(self):
+    def torch_model(self, variant=None):
         return torch.nn.Linear(50, 1)
 
     def torch_loss(self, model, x, y):
@@ -273,7 +280,7 @@ class LogReg(Problem):
     name, dtype = "logreg breast cancer 569x30", "float32"
     keras_loss = "binary_crossentropy"
     l2 = 1e-3
-    iters = (100, 300)
+    iters, budget = (100, 300), (2.0, 5.0)
 
     def make_data(self):
         from sklearn.datasets import load_breast_cancer
@@ -299,7 +306,7 @@ class LogReg(Problem):
             variables, self.l2, ["kernel"]
         )
 
-    def torch_model(self):
+    def torch_model(self, variant=None):
         return torch.nn.Linear(30, 1)
 
     def torch_loss(self, model, x, y):
@@ -312,7 +319,7 @@ class LogReg(Problem):
 class MLP(Problem):
     keras_loss = "mse"
     xla = True
-    iters = (10, 150)
+    iters, budget = (1000, 5000), (1.5, 8.0)
 
     def __init__(self, dtype, seed=0):
         self.dtype = dtype
@@ -339,7 +346,7 @@ class MLP(Problem):
     def ideal_loss(self, y, pred, variables):
         return tf.reduce_mean(tf.square(y - pred))
 
-    def torch_model(self):
+    def torch_model(self, variant=None):
         return torch.nn.Sequential(
             torch.nn.Linear(20, 64),
             torch.nn.Tanh(),
@@ -359,7 +366,9 @@ class MF(Problem):
     l2 = 1e-4
     rank, users, items, ratings = 5, 610, 9724, 100_836
     transpose_2d = False
-    iters = (20, 400)
+    iters, budget = (1000, 5000), (1.5, 5.0)
+    # The layer-for-layer twin (nn.Embedding) and a hand-tuned one.
+    torch_variants = (None, "index_select")
 
     def make_data(self):
         rng = self.rng
@@ -399,7 +408,7 @@ class MF(Problem):
             variables, self.l2, ["embedding"]
         )
 
-    def torch_model(self):
+    def torch_model(self, variant=None):
         class Dot(torch.nn.Module):
             def __init__(s):
                 super().__init__()
@@ -407,10 +416,13 @@ class MF(Problem):
                 s.item = torch.nn.Embedding(self.items, self.rank)
 
             def forward(s, x):
-                # index_select (backward: index_add) is 1.5-2x faster on CPU
-                # than nn.Embedding's dense backward; give torch the faster one.
-                u = s.user.weight.index_select(0, x[0])
-                v = s.item.weight.index_select(0, x[1])
+                if variant == "index_select":
+                    # Hand-tuned: index_select (backward: index_add) is 2-3x
+                    # faster on CPU than nn.Embedding's backward.
+                    u = s.user.weight.index_select(0, x[0])
+                    v = s.item.weight.index_select(0, x[1])
+                else:
+                    u, v = s.user(x[0]), s.item(x[1])
                 return torch.sum(u * v, 1, keepdim=True)
 
         return Dot()
@@ -461,11 +473,11 @@ def make_ideal(problem, model, jit_compile=False):
 class TorchTwin:
     """The torch model with the Keras model's initial weights, and LBFGS."""
 
-    def __init__(self, problem, keras_model):
+    def __init__(self, problem, keras_model, variant=None):
         torch.manual_seed(0)
         self.problem = problem
         self.dtype = torch.float64 if problem.dtype == "float64" else torch.float32
-        self.model = problem.torch_model().to(self.dtype)
+        self.model = problem.torch_model(variant).to(self.dtype)
         if isinstance(problem.x, list):
             self.x = [
                 torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in problem.x
@@ -505,8 +517,11 @@ class TorchTwin:
         loss.backward()
         return loss
 
-    def run_lbfgs(self, x_init, iters):
-        """Runs LBFGS; returns [(seconds since start, loss)] per evaluation."""
+    def run_lbfgs(self, x_init, iters, budget):
+        """Runs LBFGS for `iters` iterations or `budget` seconds.
+
+        Returns [(seconds since start, loss)] per evaluation.
+        """
         self.set_flat(x_init)
         opt = torch.optim.LBFGS(
             self.model.parameters(),
@@ -525,10 +540,19 @@ class TorchTwin:
             loss = self.closure()
             value = loss.item()
             trace.append((time.perf_counter() - start, value))
+            if trace[-1][0] > budget:
+                raise _OutOfTime
             return loss
 
-        opt.step(closure)
+        try:
+            opt.step(closure)
+        except _OutOfTime:
+            pass
         return trace
+
+
+class _OutOfTime(Exception):
+    pass
 
 
 def make_recording_optimizer():
@@ -551,8 +575,23 @@ def make_recording_optimizer():
     return Recording(method="L-BFGS-B")
 
 
-def kormos_fit(model, x_init, problem, iters):
-    """Fits from `x_init`; returns the per-evaluation trace and fit seconds."""
+class _StopAfter(keras.callbacks.Callback):
+    """Stops model.fit() after the iteration that passes `budget` seconds."""
+
+    def __init__(self, start, budget):
+        super().__init__()
+        self.start, self.budget = start, budget
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.perf_counter() - self.start > self.budget:
+            self.model.stop_training = True
+
+
+def kormos_fit(model, x_init, problem, iters, budget):
+    """Fits from `x_init` for `iters` iterations or `budget` seconds.
+
+    Returns the per-evaluation trace and the fit's seconds.
+    """
     opt = model.optimizer
     opt.trace = []
     kormos.unpack_weights(x_init, model.trainable_variables)
@@ -563,6 +602,7 @@ def kormos_fit(model, x_init, problem, iters):
         epochs=iters,
         verbose=0,
         options={"ftol": 0.0, "gtol": 0.0, "maxfun": 10 * iters},
+        callbacks=[_StopAfter(opt.start, budget)],
     )
     total = time.perf_counter() - opt.start
     return {
@@ -631,18 +671,21 @@ class Bench:
 
     def _setup(self, problem):
         t0 = time.perf_counter()
-        # Per-evaluation model: bound once, traced once.
+        # Per-evaluation model, compiled as a user would (jit_compile="auto"):
+        # bound once, traced once. The ideal runs in the same XLA mode.
         self.model = problem.keras_model()
         self.opt = self.model.optimizer
         self.opt.build(self.model, problem.x, problem.y)
         self.x0 = self.opt.get_weights()
         self.n = self.x0.size
-        self.ideal = make_ideal(problem, self.model)
+        fk, gk = self.opt.func_and_grad(self.x0)
+        objective = self.opt._objective
+        self.mode = "XLA" if objective.xla and not objective.fg.fell_back else "graph"
+        self.ideal = make_ideal(problem, self.model, jit_compile=self.mode == "XLA")
         rng = np.random.default_rng(1)
         self.v = rng.normal(size=self.n)
         self.eps = 1e-9 * np.maximum(1.0, np.abs(self.x0))
         # Check that kormos and the ideal compute the same objective.
-        fk, gk = self.opt.func_and_grad(self.x0)
         fi, gi = self.ideal(self.x0)
         tol = 1e-4 if problem.dtype == "float32" else 1e-10
         assert abs(fk - fi) <= tol * abs(fk), (fk, fi)
@@ -655,53 +698,60 @@ class Bench:
             "ideal": lambda k: self.ideal(self.x0 + k * self.eps),
             "hessp": lambda k: self.opt.hessp(self.x0 + k * self.eps, self.v),
         }
-        self.twin = None
+        self.twins = {}
         if torch is not None:
-            self.twin = TorchTwin(problem, self.model)
-            ft = self.twin.closure().item()
-            assert abs(ft - fk) <= max(tol, 1e-6) * abs(fk), (
-                "torch loss differs",
-                ft,
-                fk,
-            )
-            self.fns["torch"] = lambda k: self.twin.closure().item()
+            for variant in problem.torch_variants:
+                name = "torch" if variant is None else f"torch_{variant}"
+                twin = TorchTwin(problem, self.model, variant)
+                ft = twin.closure().item()
+                assert abs(ft - fk) <= max(tol, 1e-6) * abs(fk), (name, ft, fk)
+                self.twins[name] = twin
+                self.fns[name] = lambda k, t=twin: t.closure().item()
+        # The other XLA mode: kormos and the ideal, for the XLA table.
+        self.other = "graph" if self.mode == "XLA" else "XLA"
+        self.other_error = None
         if problem.xla and not ARGS.no_xla:
             try:
-                self.xla_ideal = make_ideal(problem, self.model, jit_compile=True)
-                fx, _ = self.xla_ideal(self.x0)
+                other_xla = self.other == "XLA"
+                self.other_ideal = make_ideal(problem, self.model, other_xla)
+                fx, _ = self.other_ideal(self.x0)
                 assert abs(fx - fk) <= tol * abs(fk), (fx, fk)
-                self.xla_model = problem.keras_model(jit_compile=True)
-                self.xla_opt = self.xla_model.optimizer
-                self.xla_opt.build(self.xla_model, problem.x, problem.y)
-                self.fns["ideal_xla"] = lambda k: self.xla_ideal(self.x0 + k * self.eps)
-                self.fns["kormos_xla"] = lambda k: self.xla_opt.func_and_grad(
+                self.other_model = problem.keras_model(jit_compile=other_xla)
+                self.other_opt = self.other_model.optimizer
+                self.other_opt.build(self.other_model, problem.x, problem.y)
+                self.fns["ideal_other"] = lambda k: self.other_ideal(
                     self.x0 + k * self.eps
                 )
-                self.xla_error = None
+                self.fns["kormos_other"] = lambda k: self.other_opt.func_and_grad(
+                    self.x0 + k * self.eps
+                )
+                self.fns["hessp_other"] = lambda k: self.other_opt.hessp(
+                    self.x0 + k * self.eps, self.v
+                )
             except Exception as error:  # report, don't die
-                self.xla_error = f"{type(error).__name__}: {str(error)[:120]}"
+                self.other_error = f"{type(error).__name__}: {str(error)[:120]}"
         # Convergence runs: a twin model with a recording optimizer. Round i
-        # starts kormos and torch from the same initial weights, drawn with
+        # starts every contender from the same initial weights, drawn with
         # seed 100 + i (different local minima for the nonconvex problems).
-        self.fit_model = problem.keras_model(optimizer=make_recording_optimizer())
-        self.fit_model_xla = None
-        if (
-            problem.xla_fit
-            and not ARGS.no_xla
-            and getattr(self, "xla_error", 1) is None
-        ):
-            self.fit_model_xla = problem.keras_model(
-                jit_compile=True, optimizer=make_recording_optimizer()
+        self.fit_models = {
+            "kormos": problem.keras_model(optimizer=make_recording_optimizer())
+        }
+        if problem.xla_fit and not ARGS.no_xla and self.other_error is None:
+            self.fit_models["kormos_other"] = problem.keras_model(
+                jit_compile=self.other == "XLA", optimizer=make_recording_optimizer()
             )
         self.inits = [
             kormos.pack_weights(problem.keras_model(seed=100 + i).trainable_variables)
             for i in range(ROUNDS)
         ]
-        self.iters = problem.iters[0] if QUICK else problem.iters[1]
+        self.iters, self.budget = problem.limits()
         # Warm up every timed function.
         time_interleaved(self.fns, 3)
         self.timings, self.fits = [], []
-        log(f"  {self.n} weights, setup {time.perf_counter() - t0:.1f}s")
+        log(
+            f"  {self.n} weights, kormos default mode: {self.mode}, "
+            f"setup {time.perf_counter() - t0:.1f}s"
+        )
 
     def eval_reps(self):
         ideal_ms = time_interleaved({"ideal": self.fns["ideal"]}, 3)["ideal"] * 1e3
@@ -722,18 +772,20 @@ class Bench:
         i = len(self.fits)
         x_init = self.inits[i]
         runs = {
-            "kormos": lambda: kormos_fit(self.fit_model, x_init, self.p, self.iters)
-        }
-        if self.fit_model_xla is not None:
-            runs["kormos_xla"] = lambda: kormos_fit(
-                self.fit_model_xla, x_init, self.p, self.iters
+            name: functools.partial(
+                kormos_fit, model, x_init, self.p, self.iters, self.budget
             )
-        if self.twin is not None:
-            runs["torch"] = lambda: {"trace": self.twin.run_lbfgs(x_init, self.iters)}
+            for name, model in self.fit_models.items()
+        }
+        for name, twin in self.twins.items():
+            runs[name] = functools.partial(self._torch_run, twin, x_init)
         names = list(runs)
         order = names[i % len(names) :] + names[: i % len(names)]  # rotate
         fit = {name: runs[name]() for name in order}
         self.fits.append({name: fit[name] for name in names})
+
+    def _torch_run(self, twin, x_init):
+        return {"trace": twin.run_lbfgs(x_init, self.iters, self.budget)}
 
     def results(self):
         r = {}
@@ -742,9 +794,16 @@ class Bench:
             r[name] = median([t[name] for t in rounds]) * 1e3
         r["ratio"] = median([t["kormos"] / t["ideal"] for t in rounds])
         r["hvp"] = median([t["hessp"] / t["kormos"] for t in rounds])
-        if "ideal_xla" in self.fns:
-            r["xla_ratio"] = median([t["ideal_xla"] / t["ideal"] for t in rounds])
-            r["kxla_ratio"] = median([t["kormos_xla"] / t["ideal_xla"] for t in rounds])
+        if "ideal_other" in self.fns:
+            r["other_ratio"] = median(
+                [t["kormos_other"] / t["ideal_other"] for t in rounds]
+            )
+            r["hvp_other"] = median(
+                [t["hessp_other"] / t["kormos_other"] for t in rounds]
+            )
+            # The ideal with XLA / without, whichever mode is the default.
+            xla, graph = ("ideal", "ideal_other")[:: 1 if self.mode == "XLA" else -1]
+            r["xla_ratio"] = median([t[xla] / t[graph] for t in rounds])
         if self.fits:
             r.update(self.convergence())
         return r
@@ -811,8 +870,7 @@ class Bench:
             if w.startswith("kormos"):
                 r[f"setup_{w}"] = median(p["setup"])
                 r[f"between_{w}"] = median(p["between"]) * 1e3
-        r["kormos_runs"] = [w for w in who if w.startswith("kormos")]
-        r["has_torch"] = "torch" in who
+        r["contenders"] = who
         return r
 
 
@@ -966,6 +1024,16 @@ def main():
     report(results, blas, elapsed)
 
 
+def _label(bench, who):
+    """A contender's name in the tables."""
+    return {
+        "kormos": f"kormos ({bench.mode}, auto)",
+        "kormos_other": f"kormos ({bench.other}, jit_compile={bench.other == 'XLA'})",
+        "torch": "torch LBFGS",
+        "torch_index_select": "torch LBFGS hand-tuned",
+    }[who]
+
+
 def _seconds(v):
     return "n/r" if v is None else f"{v:.2f}s"
 
@@ -1004,34 +1072,53 @@ def report(results, blas, elapsed):
     w("### Cost of one evaluation (loss + gradient over all data)")
     w("")
     w(
-        "| problem | weights | kormos ms | ideal ms | kormos/ideal | "
+        'kormos is compiled as a user would (`jit_compile` left at "auto"); mode '
+        "is what that chose. The ideal runs in the same mode."
+    )
+    w("")
+    w(
+        "| problem | weights | kormos mode | kormos ms | ideal ms | kormos/ideal | "
         "torch closure ms | HVP ms | HVP/fg |"
     )
-    w("|---|---|---|---|---|---|---|---|")
+    w("|---|---|---|---|---|---|---|---|---|")
     for b, r in results:
+        torch_ms = fmt(r.get("torch"))
+        if "torch_index_select" in r:
+            torch_ms += f" (hand-tuned {fmt(r['torch_index_select'])})"
         w(
-            f"| {b.p.name} | {b.n} | {fmt(r['kormos'])} | {fmt(r['ideal'])} | "
-            f"{r['ratio']:.2f} | {fmt(r.get('torch'))} | {fmt(r['hessp'])} | "
-            f"{r['hvp']:.2f} |"
+            f"| {b.p.name} | {b.n} | {b.mode} | {fmt(r['kormos'])} | "
+            f"{fmt(r['ideal'])} | {r['ratio']:.2f} | {torch_ms} | "
+            f"{fmt(r['hessp'])} | {r['hvp']:.2f} |"
         )
     xla = [(b, r) for b, r in results if b.p.xla and not ARGS.no_xla]
     if xla:
         w("")
         w(
-            "| XLA (jit_compile=True) | ideal ms | ideal XLA ms | ideal XLA/plain | "
-            "kormos XLA ms | kormos XLA / ideal XLA |"
+            "| with and without XLA | ideal graph ms | ideal XLA ms | "
+            "ideal XLA/graph | kormos graph ms | kormos XLA ms | "
+            "kormos/ideal graph, XLA | HVP/fg graph, XLA |"
         )
-        w("|---|---|---|---|---|---|")
+        w("|---|---|---|---|---|---|---|---|")
         for b, r in xla:
-            if getattr(b, "xla_error", None):
-                w(f"| {b.p.name} | {fmt(r['ideal'])} | failed: {b.xla_error} | | | |")
+            if b.other_error:
+                w(f"| {b.p.name} | failed: {b.other_error} | | | | | | |")
                 continue
+            by_mode = {
+                b.mode: (r["ideal"], r["kormos"], r["ratio"], r["hvp"]),
+                b.other: (
+                    r["ideal_other"],
+                    r["kormos_other"],
+                    r["other_ratio"],
+                    r["hvp_other"],
+                ),
+            }
+            g, x = by_mode["graph"], by_mode["XLA"]
             w(
-                f"| {b.p.name} | {fmt(r['ideal'])} | {fmt(r['ideal_xla'])} | "
-                f"{r['xla_ratio']:.2f} | {fmt(r['kormos_xla'])} | "
-                f"{r['kxla_ratio']:.2f} |"
+                f"| {b.p.name} | {fmt(g[0])} | {fmt(x[0])} | {r['xla_ratio']:.2f} | "
+                f"{fmt(g[1])} | {fmt(x[1])} | {g[2]:.2f}, {x[2]:.2f} | "
+                f"{g[3]:.2f}, {x[3]:.2f} |"
             )
-    conv = [(b, r) for b, r in results if "kormos_runs" in r]
+    conv = [(b, r) for b, r in results if "contenders" in r]
     if conv:
         w("")
         w(
@@ -1040,37 +1127,36 @@ def report(results, blas, elapsed):
         )
         w("")
         w(
-            "Each round starts every contender from the same new random weights. "
-            "t→1e-6: time until the loss is within 1e-6 relative of the best loss of "
-            "that round (any contender), computed noise-robustly as setup + "
-            "evaluations needed × the run's median wall time per evaluation (solver "
-            "and callbacks included); [wall] is the raw wall-clock time of the hit. "
-            "kormos times count from the fit() call, so they include its setup "
-            "(bind, probe, tracing). n/r: not reached within the iteration budget in "
-            "most rounds (k/N: rounds that reached it; gap: median relative gap of "
-            "that contender's best loss). "
-            "t→common: time to the level every contender reached (the worst of their "
-            "best losses)."
+            "Each round starts every contender from the same new random weights and "
+            "gives each the same budget: an iteration cap and a wall-time budget, "
+            "whichever comes first. t→1e-6: time until the loss is within 1e-6 "
+            "relative of the best loss of that round (any contender), computed "
+            "noise-robustly as setup + evaluations needed × the run's median wall "
+            "time per evaluation (solver and callbacks included); [wall] is the raw "
+            "wall-clock time of the hit. kormos times count from the fit() call, so "
+            "they include its setup (bind, probe, tracing, XLA compilation). n/r: "
+            "not reached within the budget in most rounds (k/N: rounds that reached "
+            "it; gap: median relative gap of that contender's best loss). "
+            "t→common: time to the level every contender reached (the worst of "
+            "their best losses). torch's layer-for-layer twin uses the same layers "
+            "(`nn.Linear`, `nn.Embedding`); the hand-tuned one replaces "
+            "`nn.Embedding` by `index_select`."
         )
         w("")
         w(
-            "| problem | kormos | iters | kormos t→1e-6 | torch t→1e-6 | evals to 1e-6 "
-            "kormos/torch | kormos t→common | torch t→common | kormos setup | "
-            "kormos ms/eval | torch ms/eval | kormos ms between evals | kormos lowest |"
+            "| problem | contender | budget | t→1e-6 | evals to 1e-6 | t→common | "
+            "evals run | ms/eval in the run | setup | ms between evals | lowest |"
         )
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
         for b, r in conv:
-            torch_common = _seconds(r.get("common_torch")) if r["has_torch"] else "-"
-            n_torch = (r.get("n_torch") or "n/r") if r["has_torch"] else "-"
-            for k in r["kormos_runs"]:
-                label = "jit_compile=True" if k == "kormos_xla" else "default"
+            for k in r["contenders"]:
+                setup = fmt(r.get("setup_" + k), 2, "s") if "setup_" + k in r else "-"
+                between = fmt(r.get("between_" + k)) if "between_" + k in r else "-"
                 w(
-                    f"| {b.p.name} | {label} | {b.iters} | {_time_cell(r, k)} | "
-                    f"{_time_cell(r, 'torch')} | "
-                    f"{r['n_' + k] or 'n/r'}/{n_torch} | "
-                    f"{_seconds(r.get('common_' + k))} | {torch_common} | "
-                    f"{fmt(r['setup_' + k], 2, 's')} | {fmt(r['fit_ms_' + k])} | "
-                    f"{fmt(r.get('fit_ms_torch'))} | {fmt(r['between_' + k])} | "
+                    f"| {b.p.name} | {_label(b, k)} | {b.iters} it / {b.budget:g}s | "
+                    f"{_time_cell(r, k)} | {r['n_' + k] or 'n/r'} | "
+                    f"{_seconds(r.get('common_' + k))} | {fmt(r['evals_' + k])} | "
+                    f"{fmt(r['fit_ms_' + k])} | {setup} | {between} | "
                     f"{r['lower_' + k]} |"
                 )
     w("")
@@ -1094,22 +1180,24 @@ def report(results, blas, elapsed):
             f"{'PASS' if r['ratio'] <= limit else 'FAIL'} |"
         )
     for b, r in conv:
-        if not isinstance(b.p, (MLP, MF)) or not r["has_torch"]:
+        if not isinstance(b.p, (MLP, MF)):
             continue
-        for k in r["kormos_runs"]:
-            tk, tt = r[f"t_{k}"], r["t_torch"]
-            if tk is None and tt is None:
-                verdict = "n/a (neither reached 1e-6)"
-            else:
-                verdict = (
-                    "PASS" if tk is not None and (tt is None or tk <= tt) else "FAIL"
+        for k in r["contenders"]:
+            if not k.startswith("kormos"):
+                continue
+            for twin in [t for t in r["contenders"] if t.startswith("torch")]:
+                tk, tt = r[f"t_{k}"], r[f"t_{twin}"]
+                if tk is None and tt is None:
+                    verdict = "n/a (neither reached 1e-6)"
+                else:
+                    reached = tk is not None and (tt is None or tk <= tt)
+                    verdict = "PASS" if reached else "FAIL"
+                w(
+                    f"| t→1e-6 {_label(b, k)} ≤ {_label(b, twin)} | {b.p.name} | "
+                    f"{_seconds(tk)} vs {_seconds(tt)} (t→common "
+                    f"{_seconds(r['common_' + k])} vs {_seconds(r['common_' + twin])})"
+                    f" | {verdict} |"
                 )
-            label = " (jit_compile=True)" if k == "kormos_xla" else ""
-            w(
-                f"| t→1e-6 kormos{label} ≤ torch | {b.p.name} | {_seconds(tk)} vs "
-                f"{_seconds(tt)} (t→common {_seconds(r['common_' + k])} vs "
-                f"{_seconds(r['common_torch'])}) | {verdict} |"
-            )
     for b, r in results:
         w(
             f"| HVP ≤ 2.5 × fg | {b.p.name} | {r['hvp']:.2f} | "
