@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import functools
 import inspect
+import itertools
 import math
 import sys
 import types
@@ -528,25 +529,41 @@ def _batch_size_of(x):
     return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float64)
 
 
-def _loop_over_batches(data, step, state):
+def _loop_over_batches(data, tensors, step, state):
     """Folds `step(batch, state)` over every batch of `data` (in a graph).
 
-    In-memory tensors are sliced inside a `tf.range` loop, a dataset is
-    iterated; either way the whole pass is part of one compiled function.
+    In-memory `tensors` (`data.tensors` as passed to the compiled function)
+    are sliced inside a `tf.range` loop, a dataset is iterated; either way
+    the whole pass is part of one compiled function.
     """
-    if data.tensors is None:
+    if tensors is None:
         for batch in data.dataset:
             state = step(batch, state)
         return state
     if data.num_batches == 1:
-        return step(data.tensors, state)
+        return step(tensors, state)
     size, rows = data.size, data.batch_size
     for i in tf.range(data.num_batches):
         start = i * rows
         end = tf.minimum(start + rows, size)
-        batch = _map_tensors(lambda t, a=start, b=end: t[a:b], data.tensors)
+        batch = _map_tensors(lambda t, a=start, b=end: t[a:b], tensors)
         state = step(batch, state)
     return state
+
+
+def _data_leaves(data):
+    """Returns the in-memory tensors of `data` as a flat tuple (or `()`)."""
+    if data.tensors is None:
+        return ()
+    return tuple(t for t in tf.nest.flatten(data.tensors) if t is not None)
+
+
+def _with_leaves(data, leaves):
+    """Rebuilds `data.tensors` from `_data_leaves` (graph tensors), or None."""
+    if data.tensors is None:
+        return None
+    leaves = iter(leaves)
+    return _map_tensors(lambda t: next(leaves), data.tensors)
 
 
 class _Objective:
@@ -574,14 +591,17 @@ class _Objective:
         self.strategy = model.distribute_strategy
         self.replicas = self.strategy.num_replicas_in_sync
         self.data = data if self.replicas == 1 else data.distributed(self.strategy)
+        # In-memory data enters the compiled functions as arguments, so that a
+        # later fit() on data of the same shapes reuses them (see `rebind`).
+        self.leaves = _data_leaves(self.data)
         self._loss_takes_training = (
             "training" in inspect.signature(model.compute_loss).parameters
         )
         # Without compiled metrics, skip resetting, updating and reading them.
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
         self.xla = xla
-        self.fg = self._compile(self._fg, self._batch_fg_terms, xla, xla_optional)
-        self.hessp = self._compile(
+        self._fg_call = self._compile(self._fg, self._batch_fg_terms, xla, xla_optional)
+        self._hessp_call = self._compile(
             self._hessp, self._batch_hessp_terms, xla, xla_optional
         )
         self.assign = _ConcreteCall(
@@ -613,6 +633,29 @@ class _Objective:
         else:
             with_xla = compiled(tf.function(batch_terms, jit_compile=True))
         return _ConcreteCall(with_xla, fallback=plain if xla_optional else None)
+
+    def fg(self, x):
+        """Returns `(loss, gradient, metrics)` at the float64 tensor `x`."""
+        return self._fg_call(x, *self.leaves)
+
+    def hessp(self, x, v):
+        """Returns H(x) @ v for float64 tensors `x` and `v`."""
+        return self._hessp_call(x, v, *self.leaves)
+
+    @property
+    def fg_uses_xla(self):
+        """Whether `fg` runs with XLA (it may have fallen back)."""
+        return self.xla and not self._fg_call.fell_back
+
+    @property
+    def hessp_uses_xla(self):
+        """Whether `hessp` runs with XLA (it may have fallen back)."""
+        return self.xla and not self._hessp_call.fell_back
+
+    def rebind(self, data):
+        """Points the compiled functions at new data of the same structure."""
+        self.data = data
+        self.leaves = _data_leaves(data)
 
     # -- One batch (or one replica's share of it) -------------------------
 
@@ -673,7 +716,7 @@ class _Objective:
 
     # -- Whole passes -------------------------------------------------------
 
-    def _fg(self, x, batch_terms):
+    def _fg(self, x, *leaves, batch_terms):
         _assign_flat(x, self.variables)
         if self.has_metrics:
             self.model.reset_metrics()
@@ -684,7 +727,8 @@ class _Objective:
             terms = self._sum_over_replicas(batch_terms, batch)
             return tuple(s + t for s, t in zip(state, terms))
 
-        rows, f, g = _loop_over_batches(self.data, step, state)
+        tensors = _with_leaves(self.data, leaves)
+        rows, f, g = _loop_over_batches(self.data, tensors, step, state)
         f, g = f / rows, g / rows
         if self.replicas > 1:
             with tf.GradientTape() as tape:
@@ -700,7 +744,7 @@ class _Objective:
             }
         return f, g, metrics
 
-    def _hessp(self, x, v, batch_terms):
+    def _hessp(self, x, v, *leaves, batch_terms):
         _assign_flat(x, self.variables)
         vs = [
             tf.cast(tf.reshape(p, w.shape), w.dtype)
@@ -713,7 +757,8 @@ class _Objective:
             terms = self._sum_over_replicas(batch_terms, batch, vs)
             return tuple(s + t for s, t in zip(state, terms))
 
-        rows, hv = _loop_over_batches(self.data, step, state)
+        tensors = _with_leaves(self.data, leaves)
+        rows, hv = _loop_over_batches(self.data, tensors, step, state)
         hv = hv / rows
         if self.replicas > 1:
             regularization = functools.partial(_weight_regularization, self.model)
@@ -835,6 +880,7 @@ class BatchOptimizer:
         self.results = []
         self.model = None
         self._objective = None
+        self._objective_key = None
         self._reset_counters()
 
     def _reset_counters(self):
@@ -875,7 +921,12 @@ class BatchOptimizer:
             )
         self.model = model
         xla, optional = _xla_choice(model)
-        self._objective = _Objective(model, data, xla=xla, xla_optional=optional)
+        key = _objective_key(model, data, xla)
+        if key is not None and key == self._objective_key:
+            self._objective.rebind(data)  # no new tracing or XLA compilation
+        else:
+            self._objective = _Objective(model, data, xla=xla, xla_optional=optional)
+            self._objective_key = key
         self._reset_counters()
         return self
 
@@ -1034,6 +1085,28 @@ class BatchOptimizer:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.get_config()})"
+
+
+def _objective_key(model, data, xla):
+    """Returns what the compiled functions of an `_Objective` depend on.
+
+    Two binds with equal keys can share the traced (and XLA-compiled)
+    functions, as Keras reuses its train function across `fit()` calls:
+    the same model, compile() call and trainable variables, and in-memory
+    data of the same structure, shapes, dtypes and batch size. Datasets and
+    distributed models are traced for each bind (key `None`).
+    """
+    if data.tensors is None or model.distribute_strategy.num_replicas_in_sync > 1:
+        return None
+    specs = _map_tensors(lambda t: (tuple(t.shape), t.dtype.name), data.tensors)
+    return (
+        id(model),
+        getattr(model, "_kormos_compile_id", None),
+        tuple(id(v) for v in model.trainable_variables),
+        xla,
+        data.batch_size,
+        repr(specs),
+    )
 
 
 class _PointKey:
@@ -1712,6 +1785,9 @@ def _should_validate(epoch, validation_freq):
 ###############################################################################
 
 
+_COMPILE_IDS = itertools.count()
+
+
 class _BatchOptimizedMixin:
     """compile() and fit() of a model that a BatchOptimizer can train."""
 
@@ -1751,6 +1827,7 @@ class _BatchOptimizedMixin:
         self.optimizer = batch_optimizer
         # Keras resolves "auto" at once; kormos' own "auto" needs the request.
         self._kormos_jit_compile = kwargs.get("jit_compile", "auto")
+        self._kormos_compile_id = next(_COMPILE_IDS)
 
     def fit(self, *args, **kwargs):
         """Trains the model: full-batch if compiled with a batch optimizer.

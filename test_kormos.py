@@ -1536,12 +1536,41 @@ def test_jit_compile_gives_the_same_objective(float64):
     model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=True)
     assert model.jit_compile
     xla = model.optimizer.build(model, x, y, batch_size=16)
-    assert xla._objective.xla and not xla._objective.fg.fell_back
+    assert xla._objective.fg_uses_xla and xla._objective.hessp_uses_xla
     np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
     np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(
         xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14
     )
+
+
+def test_refit_reuses_the_compiled_functions_with_the_new_data(float64):
+    model, opt, x, y = mlp_problem(n=40)
+    model.fit(x, y, epochs=2, verbose=0)
+    objective = opt._objective
+    concrete = objective._fg_call.concrete
+    # Same shapes, new values: the traced functions are reused...
+    x2, y2 = x[::-1] * 0.5, np.cos(y)
+    model.fit(x2, y2, epochs=2, verbose=0)
+    assert opt._objective is objective
+    assert objective._fg_call.concrete is concrete
+    # ... and they compute on the new data, as a fresh optimizer does.
+    fresh = kormos.ScipyBatchOptimizer().build(model, x2, y2)
+    w = opt.get_weights()
+    np.testing.assert_allclose(opt.func_and_grad(w)[0], fresh.func(w), rtol=1e-12)
+    np.testing.assert_allclose(opt.grad(w), fresh.grad(w), rtol=1e-10)
+    # Other shapes, a recompile or a frozen layer trace anew.
+    model.fit(x[:30], y[:30], epochs=1, verbose=0)
+    assert opt._objective is not objective
+    objective = opt._objective
+    model.compile(loss="mse", optimizer=opt)
+    model.fit(x[:30], y[:30], epochs=1, verbose=0)
+    assert opt._objective is not objective
+    objective = opt._objective
+    model.layers[0].trainable = False
+    model.fit(x[:30], y[:30], epochs=1, verbose=0)
+    assert opt._objective is not objective
+    assert opt._objective.size < objective.size
 
 
 class _NumpyOnes(keras.layers.Layer):
@@ -1584,9 +1613,9 @@ def test_auto_jit_compiles_embedding_models_and_falls_back(
     f, g = opt.func_and_grad(w0)
     hv = opt.hessp(w0, v)
     objective = opt._objective
-    for function in (objective.fg, objective.hessp):
+    for uses_xla in (objective.fg_uses_xla, objective.hessp_uses_xla):
         state = "plain" if not objective.xla else "xla"
-        state = "fell back" if function.fell_back else state
+        state = "fell back" if objective.xla and not uses_xla else state
         assert state == expected
     # Reference: the same model with XLA forbidden.
     reference_model = embedding_model(False)

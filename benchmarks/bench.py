@@ -680,7 +680,7 @@ class Bench:
         self.n = self.x0.size
         fk, gk = self.opt.func_and_grad(self.x0)
         objective = self.opt._objective
-        self.mode = "XLA" if objective.xla and not objective.fg.fell_back else "graph"
+        self.mode = "XLA" if objective.fg_uses_xla else "graph"
         self.ideal = make_ideal(problem, self.model, jit_compile=self.mode == "XLA")
         rng = np.random.default_rng(1)
         self.v = rng.normal(size=self.n)
