@@ -1398,17 +1398,43 @@ class ScipyBatchOptimizer(BatchOptimizer):
             ) from None
 
     def get_config(self):
+        """Returns the constructor arguments except `bounds` and `constraints`.
+
+        A custom minimizer (a callable `method`) is saved by its registered
+        Keras name: decorate it with `keras.saving.register_keras_serializable()`
+        or pass it in `custom_objects` when loading.
+        """
         config = super().get_config()
-        method = self.method if isinstance(self.method, str) else None
+        method = self.method
+        if callable(method):
+            method = keras.saving.serialize_keras_object(method)
         config.update(
             {
-                "method": method or "l-bfgs-b",
+                "method": method,
                 "options": self.options,
                 "tol": self.tol,
                 "max_dense_params": self.max_dense_params,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Creates an optimizer from `get_config()` output."""
+        config = dict(config)
+        method = config.get("method")
+        if isinstance(method, dict):
+            try:
+                config["method"] = keras.saving.deserialize_keras_object(method)
+            except (TypeError, ValueError) as e:
+                name = method.get("config")
+                raise TypeError(
+                    f"Cannot find the custom minimizer {name!r} of this "
+                    "ScipyBatchOptimizer. Decorate it with "
+                    "`@keras.saving.register_keras_serializable()` or pass "
+                    f"`custom_objects={{{name!r}: {name}}}` to `load_model`."
+                ) from e
+        return cls(**config)
 
 
 @contextlib.contextmanager

@@ -1393,6 +1393,45 @@ def test_custom_minimizer_callable_receives_callback_and_options(float64):
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
 
 
+@keras.saving.register_keras_serializable(package="kormos_tests")
+def steepest_descent(fun, x0, args=(), jac=None, callback=None, maxiter=10, **kw):
+    x = x0.copy()
+    for _ in range(maxiter):
+        x = x - 0.1 * jac(x)
+        callback(scipy.optimize.OptimizeResult(x=x, fun=fun(x)))
+    return scipy.optimize.OptimizeResult(x=x, fun=fun(x), success=True, nit=maxiter)
+
+
+def test_saved_model_keeps_a_registered_custom_minimizer(tmp_path):
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(
+        loss="mse", optimizer=kormos.ScipyBatchOptimizer(method=steepest_descent)
+    )
+    path = str(tmp_path / "custom.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.method is steepest_descent
+    history = fit_quietly(loaded, x, y, epochs=3)
+    assert len(history.history["loss"]) == 3
+
+
+def test_loading_an_unregistered_custom_minimizer_says_how_to_fix_it(tmp_path):
+    def local_descent(fun, x0, **kwargs):
+        return scipy.optimize.OptimizeResult(x=x0, fun=fun(x0), success=True)
+
+    model = linear_model()
+    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(local_descent))
+    path = str(tmp_path / "local.keras")
+    model.save(path)
+    with pytest.raises(TypeError, match="custom_objects"):
+        keras.models.load_model(path)
+    loaded = keras.models.load_model(
+        path, custom_objects={"local_descent": local_descent}
+    )
+    assert loaded.optimizer.method is local_descent
+
+
 class DecayODE(kormos.BatchOptimizedSequentialModel):
     """u' = -u on [0, 2] with u(0) = 1, i.e. u = exp(-t), as a PINN residual."""
 
