@@ -1569,18 +1569,30 @@ def test_streaming_dataset_of_ten_million_rows_stays_in_bounded_memory(tmp_path)
     assert int(match.group(1)) < 250  # one batch is 8 MB; all rows 800 MB
 
 
-def test_jit_compile_gives_the_same_objective(float64):
-    model, plain, x, y = mlp_problem(n=50, batch_size=16)
-    x0 = plain.get_weights()
-    model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=True)
+@pytest.mark.parametrize("batch_size", [16, None])  # XLA step in a loop / whole
+def test_jit_compile_gives_the_same_objective(float64, batch_size):
+    model, _, x, y = mlp_problem(n=50)
+    optimizers = {}
+    for jit_compile in (False, True):
+        model.compile(
+            loss="mse", optimizer="l-bfgs-b", metrics=["mae"], jit_compile=jit_compile
+        )
+        optimizers[jit_compile] = model.optimizer.build(
+            model, x, y, batch_size=batch_size
+        )
+    plain, xla = optimizers[False], optimizers[True]
     assert model.jit_compile
-    xla = model.optimizer.build(model, x, y, batch_size=16)
-    assert xla._objective.fg_uses_xla and xla._objective.hessp_uses_xla
+    x0 = plain.get_weights()
     np.testing.assert_allclose(xla.func(x0), plain.func(x0), rtol=1e-12)
     np.testing.assert_allclose(xla.grad(x0), plain.grad(x0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(
         xla.hessp(x0, x0), plain.hessp(x0, x0), rtol=1e-10, atol=1e-14
     )
+    assert xla._objective.fg_uses_xla and xla._objective.hessp_uses_xla
+    assert not plain._objective.xla
+    mae = plain.metrics_at(x0)["mae"]
+    assert mae > 0
+    assert xla.metrics_at(x0)["mae"] == pytest.approx(mae, rel=1e-12)
 
 
 def test_refit_reuses_the_compiled_functions_with_the_new_data(float64):
