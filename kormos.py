@@ -37,6 +37,7 @@ import inspect
 import itertools
 import math
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -1759,6 +1760,34 @@ class _SolverProgbar(keras.callbacks.Callback):
             self._bar.update(self._bar.target, list(self._logs.items()), finalize=True)
 
 
+class _SolverLogger(keras.callbacks.Callback):
+    """`verbose=2`: one line per iteration, timed from the previous one.
+
+    Keras' `ProgbarLogger` times from `on_epoch_begin`, which kormos can only
+    call once the iteration's work is done, so it would show next to 0 s.
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+        self._last = None
+
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        took = f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1e3:.0f}ms"
+        values = "".join(f" - {k}: {_format_log(v)}" for k, v in (logs or {}).items())
+        print(f"Iteration {epoch + 1}/{self.epochs} - {took}{values}", flush=True)
+
+
+def _format_log(value):
+    """Formats a log value as Keras' progress bar does."""
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+
+
 # Callbacks that act on a learning rate, which a full-batch solver has not.
 _LEARNING_RATE_CALLBACKS = (
     keras.callbacks.ReduceLROnPlateau,
@@ -1783,9 +1812,11 @@ def _make_callbacks(model, callbacks, verbose, epochs):
     kept.insert(0, history)
     if verbose == 1:
         kept.append(_SolverProgbar(epochs))
+    elif verbose == 2:
+        kept.append(_SolverLogger(epochs))
     callback_list = keras.callbacks.CallbackList(
         kept,
-        add_progbar=verbose == 2,
+        add_progbar=False,
         model=model,
         verbose=verbose,
         epochs=epochs,

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -846,9 +847,16 @@ def test_progress_display_by_verbosity(capsys):
     model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
     fit_quietly(model, x, y, epochs=4, verbose=0)
     assert capsys.readouterr().out == ""
-    fit_quietly(model, x, y, epochs=4, verbose=2, validation_data=(x, y))
+    slow = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: time.sleep(0.05))
+    fit_quietly(
+        model, x, y, epochs=4, verbose=2, validation_data=(x, y), callbacks=[slow]
+    )
     out = capsys.readouterr().out
-    assert out.count("Epoch ") == len(re.findall(r"- loss: ", out)) >= 1
+    lines = re.findall(r"Iteration (\d)/4 - (\d+)ms - .*loss: .*", out)
+    assert [int(n) for n, _ in lines] == list(range(1, len(lines) + 1))
+    assert lines
+    # Each iteration is timed, the previous one's callbacks included.
+    assert all(int(ms) >= 50 for _, ms in lines[1:])
     assert "grad:" in out and "fg_evals:" in out and "val_loss:" in out
     model.set_weights([w * 0 for w in model.get_weights()])
     fit_quietly(model, x, y, epochs=4, verbose=1)
