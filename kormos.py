@@ -36,6 +36,7 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import sys
 import time
 import types
@@ -1206,12 +1207,31 @@ def _probe_model(model, data):
     model.reset_metrics()
 
 
+def _warn(message):
+    """Issues a `UserWarning` attributed to the caller's own code.
+
+    The warning points at the first frame outside kormos, Keras and
+    TensorFlow (usually the user's `fit()` call), however deep in kormos it
+    was raised.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _is_library_frame(frame):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _is_library_frame(frame):
+    filename = frame.f_code.co_filename
+    return filename == __file__ or any(
+        f"{os.sep}{package}{os.sep}" in filename for package in ("keras", "tensorflow")
+    )
+
+
 def _warn_unused_variables(objective):
     if objective.unused_variables:
-        warnings.warn(
+        _warn(
             "These trainable weights have no gradient path to the loss and "
             f"stay fixed: {objective.unused_variables}",
-            stacklevel=4,
         )
         objective.unused_variables = []
 
@@ -1328,7 +1348,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
             result = tracker.result(self, stop.status, stop.message)
         except FloatingPointError as error:
             message = f"Stopped: {error} The last finite iterate is kept."
-            warnings.warn(message, stacklevel=3)
+            _warn(message)
             result = tracker.result(self, _STATUS_NOT_FINITE, message)
         except KeyboardInterrupt:
             result = tracker.result(
@@ -1564,7 +1584,7 @@ def _note_float32_stall(result, variables):
             "keras.config.set_floatx('float64') and "
             "keras.config.set_dtype_policy('float64') before building the model."
         )
-        warnings.warn(result.message, stacklevel=3)
+        _warn(result.message)
 
 
 ###############################################################################
@@ -1590,11 +1610,10 @@ def _resolve_bounds(bounds, variables, method):
         user_lower, user_upper = _user_bounds(bounds, variables)
         lower, upper = np.maximum(lower, user_lower), np.minimum(upper, user_upper)
     elif from_model and not takes_bounds:
-        warnings.warn(
+        _warn(
             f"Method {method!r} cannot enforce the NonNeg constraints of this "
             f"model; use one of {', '.join(_BOUNDS_METHODS)} to keep those "
             "weights non-negative.",
-            stacklevel=4,
         )
         return None
     if not (np.isfinite(lower).any() or np.isfinite(upper).any()):
@@ -1618,11 +1637,10 @@ def _constraint_bounds(variables):
         if isinstance(constraint, keras.constraints.NonNeg):
             lower[offset : offset + size] = 0.0
         elif constraint is not None:
-            warnings.warn(
+            _warn(
                 f"The constraint {type(constraint).__name__} on {v.path} is "
                 "not a box, so a full-batch solver cannot enforce it; it is "
                 "ignored.",
-                stacklevel=5,
             )
         offset += size
     return lower, upper
@@ -1800,10 +1818,9 @@ def _make_callbacks(model, callbacks, verbose, epochs):
     kept = []
     for callback in callbacks or []:
         if isinstance(callback, _LEARNING_RATE_CALLBACKS):
-            warnings.warn(
+            _warn(
                 f"{type(callback).__name__} adjusts a learning rate, which "
                 "full-batch solvers do not have; it is ignored.",
-                stacklevel=4,
             )
             continue
         kept.append(callback)

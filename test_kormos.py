@@ -823,7 +823,9 @@ def test_checkpoint_csvlogger_tensorboard_and_lr_callbacks(tmp_path):
         keras.callbacks.CSVLogger(csv),
         keras.callbacks.TensorBoard(tmp_path / "tb"),
     ]
-    with pytest.warns(UserWarning, match="ReduceLROnPlateau adjusts a learning rate"):
+    with pytest.warns(
+        UserWarning, match="ReduceLROnPlateau adjusts a learning rate"
+    ) as caught:
         history = model.fit(
             x,
             y,
@@ -831,6 +833,10 @@ def test_checkpoint_csvlogger_tensorboard_and_lr_callbacks(tmp_path):
             verbose=0,
             callbacks=callbacks + [keras.callbacks.ReduceLROnPlateau(monitor="loss")],
         )
+    # The warning points at this test's fit() call, not into kormos.
+    assert {w.filename for w in caught if "learning rate" in str(w.message)} == {
+        __file__
+    }
     rows = csv.read_text().strip().splitlines()
     assert len(rows) == 1 + len(history.history["loss"])
     assert rows[0].split(",")[:3] == ["epoch", "fg_evals", "grad"]
@@ -1143,8 +1149,9 @@ def test_float32_precision_loss_warns_to_use_float64():
 def test_nonneg_constraint_with_a_method_without_bounds_warns():
     model = linear_model(kernel_constraint=keras.constraints.NonNeg())
     model.compile(loss="mse", optimizer="cg")
-    with pytest.warns(UserWarning, match="'cg' cannot enforce the NonNeg"):
+    with pytest.warns(UserWarning, match="'cg' cannot enforce the NonNeg") as caught:
         model.fit(X5, Y5, epochs=2, verbose=0)
+    assert caught[0].filename == __file__
 
 
 def test_unknown_optimizer_in_compile_lists_choices():
