@@ -1639,6 +1639,76 @@ def test_refit_reuses_the_compiled_functions_with_the_new_data(float64):
     assert opt._objective.size < objective.size
 
 
+def _timed(seconds, value=1.0, error=None):
+    """A fake compiled function: sleeps, then returns a tensor or raises."""
+    calls = []
+
+    def function(*args):
+        calls.append(args)
+        if error is not None:
+            raise error
+        time.sleep(seconds)
+        return tf.constant([value, 2.0])
+
+    function.calls = calls
+    return function
+
+
+@pytest.mark.parametrize(
+    "alternative, chosen",
+    [
+        (_timed(0.0), "alternative"),  # agrees and is faster
+        (_timed(0.06), "reference"),  # slower
+        (_timed(0.0, value=1.001), "reference"),  # disagrees
+        (
+            _timed(0.0, error=tf.errors.InvalidArgumentError(None, None, "xla")),
+            "reference",
+        ),
+    ],
+)
+def test_faster_call_keeps_the_alternative_only_if_it_agrees_and_wins(
+    alternative, chosen
+):
+    reference = _timed(0.03)
+    call = kormos._FasterCall(reference, alternative)
+    first = call("x")
+    np.testing.assert_array_equal(first.numpy(), [1.0, 2.0])  # the reference's
+    assert call.chose_alternative == (chosen == "alternative")
+    used = alternative if chosen == "alternative" else reference
+    calls_before = len(used.calls)
+    call("y")
+    assert len(used.calls) == calls_before + 1
+
+
+def test_faster_call_does_not_try_the_alternative_on_quick_calls():
+    reference, alternative = _timed(0.0), _timed(0.0)
+    call = kormos._FasterCall(reference, alternative, min_seconds=0.05)
+    call("x")
+    call("y")
+    assert not alternative.calls and not call.chose_alternative
+
+
+def test_float64_hessian_products_measure_xla_and_agree(float64):
+    model, opt, x, y = mlp_problem(n=200)
+    objective = opt._objective
+    assert isinstance(objective._hessp_call, kormos._FasterCall)
+    objective._hessp_call.min_seconds = 0.0  # always try XLA here
+    w, v = opt.get_weights(), np.linspace(-1.0, 1.0, objective.size)
+    first = opt.hessp(w, v)
+    second = opt.hessp(w + 1e-3, v)  # runs the chosen function
+    # Both formulations agree to roundoff whichever was chosen.
+    xla = objective._hessp_call.alternative(
+        tf.constant(w + 1e-3), tf.constant(v), *objective.leaves
+    ).numpy()
+    np.testing.assert_allclose(second, xla, rtol=1e-10, atol=1e-14)
+    h = finite_difference_gradient(lambda z: opt.grad(z) @ v, w, 1e-6)
+    np.testing.assert_allclose(first, h, rtol=1e-5, atol=1e-7)
+    # jit_compile=False never measures.
+    model.compile(loss="mse", optimizer="l-bfgs-b", jit_compile=False)
+    plain = model.optimizer.build(model, x, y)
+    assert not isinstance(plain._objective._hessp_call, kormos._FasterCall)
+
+
 class _NumpyOnes(keras.layers.Layer):
     """Multiplies by ones computed in numpy: an op that XLA cannot compile."""
 

@@ -701,7 +701,8 @@ class Bench:
         assert np.allclose(gk, gi, rtol=1e-3, atol=1e-5 * np.abs(gk).max()), (
             "grad mismatch"
         )
-        self.opt.hessp(self.x0, self.v)
+        self.opt.hessp(self.x0, self.v)  # picks the HVP's mode for float64
+        self.hvp_mode = "XLA" if objective.hessp_uses_xla else "graph"
         self.fns = {
             "kormos": lambda k: self.opt.func_and_grad(self.x0 + k * self.eps),
             "ideal": lambda k: self.ideal(self.x0 + k * self.eps),
@@ -1101,8 +1102,9 @@ def report(results, blas, elapsed):
         torch_ms = fmt(r.get("torch"))
         if "torch_index_select" in r:
             torch_ms += f" (hand-tuned {fmt(r['torch_index_select'])})"
+        mode = b.mode if b.hvp_mode == b.mode else f"{b.mode}, HVP {b.hvp_mode}"
         w(
-            f"| {b.p.name} | {b.n} | {b.mode} | {fmt(r['kormos'])} | "
+            f"| {b.p.name} | {b.n} | {mode} | {fmt(r['kormos'])} | "
             f"{fmt(r['ideal'])} | {r['ratio']:.2f} | {torch_ms} | "
             f"{fmt(r['hessp'])} | {r['hvp']:.2f} |"
         )
