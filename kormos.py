@@ -607,7 +607,7 @@ class _Objective:
             self._hessp, self._batch_hessp_terms, xla, xla_optional
         )
         if xla_optional and not xla and self._all_float64():
-            # float64 HVPs: XLA is 1.2-1.3x faster on some dense models and
+            # float64 HVPs: XLA is 1.1-1.3x faster on some dense models and
             # slower on others, and agrees to roundoff; measure once.
             self._hessp_call = _FasterCall(
                 self._hessp_call,
