@@ -1956,7 +1956,11 @@ class _BatchOptimizedMixin:
         Args:
             optimizer: The optimizer, see above. Defaults to `"rmsprop"`.
             **kwargs: Every other argument of `keras.Model.compile` (`loss`,
-                `metrics`, `loss_weights`, `jit_compile`, ...).
+                `metrics`, `loss_weights`, `jit_compile`, ...). With a batch
+                optimizer, `jit_compile="auto"` (the default) also compiles
+                models with an `Embedding` layer with XLA on CPUs, and may
+                run float64 Hessian-vector products with XLA where one
+                measurement finds it faster; `True` or `False` decide alone.
 
         Raises:
             ValueError: If `optimizer` names neither a batch optimizer nor a
