@@ -1131,10 +1131,12 @@ def report(results, blas, elapsed):
                 ),
             }
             g, x = by_mode["graph"], by_mode["XLA"]
+            # A float64 graph model may have picked XLA for its HVP.
+            note = " (HVP in XLA)" if b.mode == "graph" and b.hvp_mode == "XLA" else ""
             w(
                 f"| {b.p.name} | {fmt(g[0])} | {fmt(x[0])} | {r['xla_ratio']:.2f} | "
                 f"{fmt(g[1])} | {fmt(x[1])} | {g[2]:.2f}, {x[2]:.2f} | "
-                f"{g[3]:.2f}, {x[3]:.2f} |"
+                f"{g[3]:.2f}{note}, {x[3]:.2f} |"
             )
     conv = [(b, r) for b, r in results if "contenders" in r]
     if conv:
