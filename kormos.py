@@ -817,17 +817,19 @@ class _FasterCall:
 
     The first call returns the reference's result. If a second, timed run of
     the reference took at least `min_seconds`, the alternative is run at the
-    same arguments (its first run may compile) and timed twice; it is kept
-    only if it runs, agrees with the reference to `rtol` and is at least
-    `margin` faster. Both compute the same quantity, so the choice changes
-    results at roundoff level only.
+    same arguments (its first run may compile), then both are timed in
+    `rounds` interleaved rounds; the alternative is kept only if it runs,
+    agrees with the reference to `rtol` and its best time beats the
+    reference's best by `margin`. Both compute the same quantity, so the
+    choice changes results at roundoff level only.
     """
 
-    def __init__(self, reference, alternative, min_seconds=0.01, margin=0.15):
+    def __init__(self, reference, alternative, min_seconds=0.01, margin=0.1):
         self.reference = reference
         self.alternative = alternative
         self.min_seconds = min_seconds
         self.margin = margin
+        self.rounds = 3
         self.rtol = 1e-8
         self.chosen = None
 
@@ -840,14 +842,12 @@ class _FasterCall:
             return self.chosen(*args)
         result = self.reference(*args)
         self.chosen = self.reference
-        seconds = _seconds_per_call(self.reference, args, runs=1)
-        if seconds >= self.min_seconds and self._alternative_wins(
-            args, result, seconds
-        ):
+        (seconds,) = _best_seconds([self.reference], args, rounds=1)
+        if seconds >= self.min_seconds and self._alternative_wins(args, result):
             self.chosen = self.alternative
         return result
 
-    def _alternative_wins(self, args, expected, seconds):
+    def _alternative_wins(self, args, expected):
         try:
             got = self.alternative(*args).numpy()
         except Exception:  # e.g. an op that XLA cannot compile
@@ -856,17 +856,20 @@ class _FasterCall:
         scale = np.max(np.abs(expected), initial=0.0)
         if not np.allclose(got, expected, rtol=self.rtol, atol=self.rtol * scale):
             return False
-        alternative = _seconds_per_call(self.alternative, args, runs=2)
-        return alternative <= (1.0 - self.margin) * seconds
+        reference, alternative = _best_seconds(
+            [self.reference, self.alternative], args, self.rounds
+        )
+        return alternative <= (1.0 - self.margin) * reference
 
 
-def _seconds_per_call(function, args, runs):
-    """Returns the fastest of `runs` timed calls of `function(*args)`."""
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        function(*args).numpy()
-        best = min(best, time.perf_counter() - start)
+def _best_seconds(functions, args, rounds):
+    """Returns each function's fastest call, timed in interleaved rounds."""
+    best = [float("inf")] * len(functions)
+    for _ in range(rounds):
+        for i, function in enumerate(functions):
+            start = time.perf_counter()
+            function(*args).numpy()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
