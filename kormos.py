@@ -634,14 +634,14 @@ class _Objective:
 
             return tf.function(run, jit_compile=jit_compile)
 
-        plain = compiled(batch_terms)
         if not xla:
-            return _ConcreteCall(plain)
+            return _ConcreteCall(compiled(batch_terms))
         if self.data.tensors is not None and self.data.num_batches == 1:
             with_xla = compiled(batch_terms, jit_compile=True)
         else:
             with_xla = compiled(tf.function(batch_terms, jit_compile=True))
-        return _ConcreteCall(with_xla, fallback=plain if xla_optional else None)
+        fallback = compiled(batch_terms) if xla_optional else None
+        return _ConcreteCall(with_xla, fallback=fallback)
 
     def fg(self, x):
         """Returns `(loss, gradient, metrics)` at the float64 tensor `x`."""
@@ -1229,9 +1229,9 @@ def _xla_choice(model):
     `jit_compile=False` forbids it. For `"auto"`, Keras turns XLA off on
     CPUs and on for GPUs where the layers support it; kormos keeps that,
     except that on CPUs it compiles models with an `Embedding` layer: XLA
-    runs their gather/scatter 5-8x faster than TensorFlow's CPU kernels
+    runs their gather/scatter about 8x faster than TensorFlow's CPU kernels
     (matrix factorization in benchmarks/bench.py), while it makes a float32
-    MLP 1.4-1.5x slower.
+    MLP 1.3-1.6x slower.
     """
     if model.jit_compile:
         return True, False
