@@ -8,10 +8,10 @@ data, one solver iteration is one Keras epoch, and `fit()` returns the usual
 `keras.Model`.
 
 Single-file library: copy kormos.py into your project, or pip install it.
-License: MIT (see LICENSE).
+Needs Keras 3 on its TensorFlow backend. License: MIT (see LICENSE).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     # Models
     "BatchOptimizedModel",
@@ -29,19 +29,15 @@ __all__ = [
     "optimizers",
 ]
 
-import collections
 import contextlib
-import ctypes
-import functools
 import inspect
-import itertools
 import math
-import os
+import signal
 import sys
+import threading
 import time
 import types
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.optimize
@@ -51,6 +47,13 @@ import keras
 if not keras.version().startswith("3."):
     raise ImportError(
         f"kormos requires Keras 3 (TensorFlow >= 2.16). Found keras=={keras.version()}."
+    )
+if keras.config.backend() != "tensorflow":
+    raise ImportError(
+        "kormos runs on Keras' TensorFlow backend, but this process uses the "
+        f"{keras.config.backend()!r} backend. Set the environment variable "
+        "KERAS_BACKEND=tensorflow before Keras is imported (or set "
+        '"backend": "tensorflow" in ~/.keras/keras.json).'
     )
 
 ###############################################################################
@@ -91,14 +94,13 @@ _BOUNDS_METHODS = (
 _CONSTRAINT_METHODS = ("slsqp", "trust-constr", "cobyla", "cobyqa")
 # Methods that hold an n x n float64 matrix: how many of them, roughly.
 _DENSE_MATRICES = {"bfgs": 3, "slsqp": 3, "trust-exact": 4, "dogleg": 3}
-# Methods whose `maxiter` option counts function evaluations, not iterations.
-_MAXITER_COUNTS_EVALS = ("cobyla", "cobyqa")
-# Methods that take no `maxiter` option at all.
-_NO_MAXITER = ("tnc",)
+# Methods without an iteration-counting `maxiter` (TNC has none; COBYLA and
+# COBYQA count evaluations with it): kormos counts their iterations itself.
+_COUNTED_BY_KORMOS = ("tnc", "cobyla", "cobyqa")
 
 
 def _canonical_method(method, argname="method"):
-    """Returns the lower-case scipy method name, or raises a clear error."""
+    """Returns the lower-case scipy method name (or the callable), or raises."""
     if isinstance(method, str) and method.lower() in METHODS:
         return method.lower()
     if callable(method) and not isinstance(method, str):
@@ -108,6 +110,11 @@ def _canonical_method(method, argname="method"):
         f"case) or a custom minimizer callable. Valid names: "
         f"{', '.join(METHODS)}. Received: {argname}={method!r}"
     )
+
+
+def _method_name(method):
+    """Returns the method's name for tables and messages ("custom" if callable)."""
+    return method if isinstance(method, str) else "custom"
 
 
 ###############################################################################
@@ -132,9 +139,9 @@ def pack_weights(variables):
         A 1-D `np.ndarray` of dtype float64 holding every scalar of
         `variables`, in order, each flattened in C order.
     """
-    if not variables:
-        return np.zeros((0,), dtype=np.float64)
     parts = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in variables]
+    if not parts:
+        return np.zeros((0,), dtype=np.float64)
     return np.concatenate([p.astype(np.float64).ravel() for p in parts])
 
 
@@ -158,30 +165,34 @@ def unpack_weights(x, variables):
     Raises:
         ValueError: If `x` is not a vector of the right size.
     """
-    x = np.asarray(x)
-    n = _flat_size(variables)
+    x = _as_flat_float64(x, sum(_sizes(variables)))
+    for v, part in zip(variables, np.split(x, np.cumsum(_sizes(variables))[:-1])):
+        v.assign(part.reshape(tuple(v.shape)).astype(_dtype_name(v)))
+
+
+def _sizes(variables):
+    """Returns the number of scalars of each variable."""
+    return [math.prod(v.shape) for v in variables]
+
+
+def _dtype_name(variable):
+    return keras.backend.standardize_dtype(variable.dtype)
+
+
+def _as_flat_float64(x, n, argname="x"):
+    """Returns `x` as a float64 vector of size `n`, or raises."""
+    x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.shape[0] != n:
         raise ValueError(
-            f"Expected a flat vector of size {n} (the number of scalars in "
-            f"the variables). Received: x.shape={x.shape}"
+            f"Expected a flat vector of size {n} (the number of scalars in the "
+            f"trainable weights). Received: {argname}.shape={x.shape}"
         )
-    offset = 0
-    for v in variables:
-        size = int(np.prod(v.shape))
-        part = x[offset : offset + size].reshape(tuple(v.shape))
-        v.assign(part.astype(keras.backend.standardize_dtype(v.dtype)))
-        offset += size
-
-
-def _flat_size(variables):
-    """Returns the number of scalars in `variables`."""
-    return int(sum(int(np.prod(v.shape)) for v in variables))
+    return x
 
 
 def _assign_flat(x, variables):
-    """Assigns the float64 tensor `x` into `variables` (graph-friendly)."""
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    for v, part in zip(variables, tf.split(x, sizes)):
+    """Assigns the float64 tensor `x` into `variables` (inside a graph)."""
+    for v, part in zip(variables, tf.split(x, _sizes(variables))):
         v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
 
 
@@ -193,9 +204,8 @@ def _flatten_float64(tensors, variables):
     """
     parts = []
     for t, v in zip(tensors, variables):
-        if t is None:
-            t = tf.zeros(v.shape, dtype=tf.float64)
-        parts.append(tf.reshape(tf.cast(tf.convert_to_tensor(t), tf.float64), [-1]))
+        t = tf.zeros(v.shape, tf.float64) if t is None else tf.convert_to_tensor(t)
+        parts.append(tf.reshape(tf.cast(t, tf.float64), [-1]))
     return tf.concat(parts, axis=0)
 
 
@@ -203,26 +213,30 @@ def _flatten_float64(tensors, variables):
 # Training data ###############################################################
 ###############################################################################
 
+# A finite dataset, `PyDataset` or generator up to this size is read into
+# memory once, so that an evaluation costs what arrays cost; larger datasets
+# are streamed at every evaluation (see `BatchOptimizer(max_dataset_bytes=)`).
+_DEFAULT_MAX_DATASET_BYTES = 256 * 2**20
+
 
 class _Data:
     """The training (or validation) data of one fit, ready to loop over.
 
     Either `tensors` holds in-memory `(x, y, sample_weight)` tensors that are
-    sliced into `batch_size` rows at a time, or `dataset` holds a batched
-    `tf.data.Dataset` of `(x, y, sample_weight)` tuples.
+    sliced `batch_size` rows at a time, or `dataset` is a batched
+    `tf.data.Dataset` of `(x, y, sample_weight)` read at every evaluation.
     """
 
-    def __init__(self, tensors=None, dataset=None, batch_size=None, size=None):
-        self.tensors = tensors
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.size = size
+    def __init__(self, tensors=None, batch_size=None, dataset=None):
+        self.tensors = tensors  # (x, y, sample_weight) nests of tensors, or None
+        self.dataset = dataset  # a batched tf.data.Dataset, or None
+        self.size = _check_lengths(*tensors) if tensors is not None else None
+        self.batch_size = min(batch_size or self.size, self.size) if self.size else None
 
     @property
     def num_batches(self):
-        if self.tensors is None:
-            return None
-        return max(1, math.ceil(self.size / self.batch_size))
+        """Batches per pass over in-memory data (None for a stream)."""
+        return None if self.tensors is None else math.ceil(self.size / self.batch_size)
 
     def first_batch(self, rows=2):
         """Returns a few rows of the data, for probing the model eagerly."""
@@ -232,34 +246,17 @@ class _Data:
             return batch
         raise ValueError("The training dataset is empty: it yields no batch.")
 
-    def distributed(self, strategy):
-        """Returns this data as a dataset distributed over `strategy`'s replicas.
-
-        Distributed datasets cannot hold `None`, so absent parts (no targets,
-        no sample weights) are dropped here and put back by `with_nones`.
-        """
-        present = tuple(p is not None for p in self.first_batch())
-        if self.dataset is None:
-            parts = tuple(p for p in self.tensors if p is not None)
-            dataset = tf.data.Dataset.from_tensor_slices(parts).batch(self.batch_size)
-        else:
-            dataset = self.dataset.map(
-                lambda *p: tuple(q for q, keep in zip(p, present) if keep)
-            )
-        data = _Data(dataset=strategy.experimental_distribute_dataset(dataset))
-        data.present = present
-        return data
-
-    def with_nones(self, parts):
-        """Puts `None` back where `distributed()` dropped absent parts."""
-        parts = iter(parts)
-        return tuple(next(parts) if keep else None for keep in self.present)
-
-    def as_fit_inputs(self):
-        """Returns `(x, y, sample_weight)` or a dataset, as `evaluate()` takes."""
-        if self.tensors is not None:
-            return self.tensors
-        return (self.dataset, None, None)
+    def evaluate_arguments(self):
+        """Returns the data as `keras.Model.evaluate()` keyword arguments."""
+        if self.tensors is None:
+            return {"x": self.dataset}
+        x, y, sample_weight = self.tensors
+        return {
+            "x": x,
+            "y": y,
+            "sample_weight": sample_weight,
+            "batch_size": self.batch_size,
+        }
 
 
 def _map_tensors(fn, nest):
@@ -267,55 +264,50 @@ def _map_tensors(fn, nest):
     return tf.nest.map_structure(lambda t: None if t is None else fn(t), nest)
 
 
-def _is_dataset(x):
-    return isinstance(x, tf.data.Dataset)
-
-
 def _make_data(
     model,
     x,
-    y,
-    sample_weight,
-    batch_size,
+    y=None,
+    sample_weight=None,
+    batch_size=None,
     class_weight=None,
     steps=None,
+    max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES,
     argname="x",
 ):
-    """Checks user data and returns a `_Data` of (x, y, sample_weight).
+    """Checks user data and returns it as a `_Data`.
+
+    `x` may be anything Keras' `fit()` takes: arrays, tensors, pandas objects,
+    a list or dict of them, a `tf.data.Dataset`, a `keras.utils.PyDataset`
+    or a Python generator of batches.
 
     Raises:
-        ValueError: for empty data, mismatched lengths, string targets, a
-            dataset of the wrong structure or a non-positive `batch_size`.
+        ValueError: for an input type that Keras' `fit()` does not take,
+            empty data, mismatched lengths, string data, a dataset of the
+            wrong structure, an infinite dataset without `steps` or a
+            non-positive `batch_size`.
     """
     _check_batch_size(batch_size)
-    if _is_dataset(x):
-        if y is not None or sample_weight is not None:
-            raise ValueError(
-                "When `x` is a `tf.data.Dataset`, `y` and `sample_weight` must "
-                "be None: the dataset yields `(x, y)` or `(x, y, sample_weight)`."
-                f" Received: y={type(y).__name__}, "
-                f"sample_weight={type(sample_weight).__name__}"
-            )
-        return _make_dataset_data(x, class_weight, steps, argname)
     if x is None:
         raise ValueError(f"`{argname}` is required. Received: {argname}=None")
-    x, y, sample_weight, size = _array_tensors(model, x, y, sample_weight, argname)
-    if class_weight is not None:
-        sample_weight = _apply_class_weight(y, sample_weight, class_weight)
-    return _Data(
-        tensors=(x, y, sample_weight),
-        batch_size=batch_size or size,
-        size=size,
-    )
-
-
-def _array_tensors(model, x, y, sample_weight, argname):
-    """Returns `(x, y, sample_weight, rows)` as tensors of checked lengths."""
+    if _is_batch_source(x):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                f"When `{argname}` is a dataset, a `PyDataset` or a generator, "
+                "`y` and `sample_weight` must be None: each batch holds `(x, y)` "
+                f"or `(x, y, sample_weight)`. Received: y={type(y).__name__}, "
+                f"sample_weight={type(sample_weight).__name__}"
+            )
+        return _batch_source_data(
+            model, x, class_weight, steps, max_dataset_bytes, argname
+        )
     x, y, sample_weight = (
         None if part is None else _to_tensors(part, name, model.compute_dtype)
-        for part, name in ((x, "x"), (y, "y"), (sample_weight, "sample_weight"))
+        for part, name in ((x, argname), (y, "y"), (sample_weight, "sample_weight"))
     )
-    return x, y, sample_weight, _check_lengths(x, y, sample_weight, argname)
+    if class_weight is not None:
+        sample_weight = _apply_class_weight(y, sample_weight, class_weight)
+    return _Data((x, y, sample_weight), batch_size)
 
 
 def _check_batch_size(batch_size):
@@ -330,8 +322,15 @@ def _check_batch_size(batch_size):
         )
 
 
+def _is_batch_source(x):
+    """True for inputs that yield batches: datasets, PyDatasets, generators."""
+    return isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)) or (
+        inspect.isgenerator(x)
+    )
+
+
 def _to_tensors(data, name, dtype):
-    """Converts a nest of array-likes to tensors, rejecting string data.
+    """Converts a nest of array-likes to tensors, rejecting other types.
 
     Floating-point arrays are cast to the model's compute `dtype` once here,
     rather than at every evaluation.
@@ -341,15 +340,11 @@ def _to_tensors(data, name, dtype):
         if hasattr(leaf, "to_numpy"):  # pandas
             leaf = leaf.to_numpy()
         array = leaf if tf.is_tensor(leaf) else np.asarray(leaf)
-        is_text = (
-            array.dtype == tf.string
-            if tf.is_tensor(array)
-            else array.dtype.kind in "OUS"
-        )
-        if is_text:
+        kind = array.dtype.name if tf.is_tensor(array) else array.dtype.kind
+        if kind in ("string", "O", "U", "S"):
             raise ValueError(
                 f"`{name}` must hold numbers; strings and objects cannot be "
-                f"fed to a model. Encode them first (e.g. with "
+                "fed to a model. Encode them first (e.g. with "
                 f"keras.layers.StringLookup). Received: {name} of dtype "
                 f"{array.dtype}"
             )
@@ -362,7 +357,18 @@ def _to_tensors(data, name, dtype):
         return {k: convert(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)) and not _is_plain_sequence(data):
         return type(data)(convert(v) for v in data)
+    if not (tf.is_tensor(data) or hasattr(data, "__array__") or _is_plain(data)):
+        raise ValueError(
+            f"Unrecognized data type: `{name}` must be an array, a tensor, a "
+            "pandas object, a list or dict of them, a `tf.data.Dataset`, a "
+            "`keras.utils.PyDataset` or a Python generator. Received: "
+            f"{name} of type {type(data).__name__}"
+        )
     return convert(data)
+
+
+def _is_plain(data):
+    return isinstance(data, (list, tuple, int, float, np.number))
 
 
 def _is_plain_sequence(data):
@@ -370,12 +376,11 @@ def _is_plain_sequence(data):
     return len(data) > 0 and all(np.isscalar(v) for v in data)
 
 
-def _check_lengths(x, y, sample_weight, argname):
+def _check_lengths(x, y, sample_weight):
+    """Returns the common number of rows of `x`, `y` and `sample_weight`."""
     sizes = {}
     for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
-        if part is None:
-            continue
-        for leaf in tf.nest.flatten(part):
+        for leaf in tf.nest.flatten(part) if part is not None else ():
             if leaf.shape.rank == 0:
                 raise ValueError(
                     f"`{name}` must have a leading sample dimension. "
@@ -391,95 +396,222 @@ def _check_lengths(x, y, sample_weight, argname):
         )
     size = all_sizes.pop()
     if size == 0:
-        raise ValueError(f"The training data is empty: `{argname}` has 0 samples.")
+        raise ValueError("The training data is empty: `x` has 0 samples.")
     return size
 
 
 def _apply_class_weight(y, sample_weight, class_weight):
     """Returns sample weights that include `class_weight[label]`."""
-    if y is None or len(tf.nest.flatten(y)) != 1:
-        raise ValueError(
-            "`class_weight` needs a single target array `y`. "
-            f"Received: y={type(y).__name__}"
-        )
-    weights = _class_weights_for(tf.nest.flatten(y)[0], class_weight)
-    if sample_weight is not None:
-        weights = weights * tf.cast(tf.reshape(sample_weight, [-1]), weights.dtype)
-    return weights
-
-
-def _class_weights_for(labels, class_weight):
-    """Maps integer or one-hot `labels` to `class_weight[label]` (in TF)."""
     if not isinstance(class_weight, dict):
         raise TypeError(
             "`class_weight` must be a dict mapping class indices to weights. "
             f"Received: class_weight={class_weight!r}"
         )
+    if y is None or len(tf.nest.flatten(y)) != 1:
+        raise ValueError(
+            "`class_weight` needs a single target array `y`. "
+            f"Received: y={type(y).__name__}"
+        )
+    labels = tf.nest.flatten(y)[0]
     table = np.ones(max(class_weight) + 1, dtype=np.float64)
     for label, weight in class_weight.items():
         table[int(label)] = weight
-    if (
-        labels.shape.rank is not None
-        and labels.shape.rank > 1
-        and (labels.shape[-1] is not None and labels.shape[-1] > 1)
-    ):
-        labels = tf.argmax(labels, axis=-1)
+    if labels.shape.rank and labels.shape.rank > 1 and (labels.shape[-1] or 0) > 1:
+        labels = tf.argmax(labels, axis=-1)  # one-hot
     labels = tf.reshape(tf.cast(tf.round(tf.cast(labels, tf.float64)), tf.int32), [-1])
-    return tf.gather(tf.constant(table), labels)
+    weights = tf.gather(tf.constant(table), labels)
+    if sample_weight is not None:
+        weights = weights * tf.cast(tf.reshape(sample_weight, [-1]), weights.dtype)
+    return weights
 
 
-def _make_dataset_data(dataset, class_weight, steps, argname):
-    """Wraps a batched dataset so that it yields `(x, y, sample_weight)`."""
-    spec = dataset.element_spec
+def _batch_source_data(model, source, class_weight, steps, max_bytes, argname):
+    """Returns the batches of a dataset, `PyDataset` or generator as `_Data`.
+
+    A source that fits in `max_bytes` is read once into in-memory tensors
+    (its own batch size kept); a larger `tf.data.Dataset` or `PyDataset`
+    is streamed at every evaluation. A generator can be read only once, so
+    it must fit.
+    """
+
+    def normalize(batch):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(_as_tuple(batch))
+        if class_weight is not None:
+            sw = _apply_class_weight(y, sw, class_weight)
+        return x, y, sw
+
+    if inspect.isgenerator(source):
+        batches = _read_batches(source, steps, max_bytes, argname)
+        if batches is None:
+            raise ValueError(
+                f"The generator passed as `{argname}` yields more than "
+                f"max_dataset_bytes={max_bytes} bytes. A generator can be read "
+                "only once, and a full-batch solver needs every batch at every "
+                "evaluation: pass a `tf.data.Dataset` or a `keras.utils.PyDataset`"
+                " (streamed when large), or raise `max_dataset_bytes` of the "
+                "optimizer."
+            )
+        return _concatenated(model, [normalize(b) for b in batches], argname)
+    dataset = _as_dataset(source, steps, argname)
+    dataset = dataset.map(lambda *element: normalize(element))
+    batches = _read_batches(iter(dataset), None, max_bytes, argname, dataset)
+    if batches is not None:
+        data = _concatenated(model, batches, argname)
+        if data is not None:
+            return data
+    return _Data(dataset=dataset)
+
+
+def _as_tuple(element):
+    return element if isinstance(element, tuple) else (element,)
+
+
+def _as_dataset(source, steps, argname):
+    """Returns a `tf.data.Dataset` of the batches of a dataset or `PyDataset`."""
+    if isinstance(source, keras.utils.PyDataset):
+        source = _py_dataset_as_tf_dataset(source, steps, argname)
+    spec = source.element_spec
     if isinstance(spec, tuple) and not 1 <= len(spec) <= 3:
         raise ValueError(
-            f"A `tf.data.Dataset` passed as `{argname}` must yield `x`, "
-            "`(x, y)` or `(x, y, sample_weight)` batches. Received a dataset "
-            f"yielding a tuple of {len(spec)} elements: {spec}"
+            f"A dataset passed as `{argname}` must yield `x`, `(x, y)` or "
+            "`(x, y, sample_weight)` batches. Received a dataset yielding a "
+            f"tuple of {len(spec)} elements: {spec}"
         )
     if steps is not None:
-        dataset = dataset.take(steps)
-    elif dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        return source.take(steps)
+    if source.cardinality() == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             f"The dataset passed as `{argname}` is infinite (it repeats). "
             "Pass `steps_per_epoch` to say how many batches make up the full "
             "data set, or remove `.repeat()`."
         )
+    return source
 
-    def normalize(*element):
-        x, y, sw = keras.utils.unpack_x_y_sample_weight(
-            element if len(element) > 1 else element[0]
+
+def _py_dataset_as_tf_dataset(py_dataset, steps, argname):
+    """Wraps a `keras.utils.PyDataset` (indexable batches) as a dataset."""
+    count = steps if steps is not None else _py_dataset_length(py_dataset)
+    if count is None:
+        raise ValueError(
+            f"The `PyDataset` passed as `{argname}` is infinite. Pass "
+            "`steps_per_epoch` to say how many batches make up the full data."
         )
-        if class_weight is not None:
-            sw = _apply_class_weight(y, sw, class_weight)
-        return x, y, sw
 
-    return _Data(dataset=dataset.map(normalize), size=None)
+    def batches():
+        for i in range(count):
+            yield tuple(
+                tf.nest.map_structure(np.asarray, _as_tuple(py_dataset[i]))
+            )
+
+    first = tuple(tf.nest.map_structure(np.asarray, _as_tuple(py_dataset[0])))
+    signature = tf.nest.map_structure(
+        lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)), first
+    )
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _split_validation(model, x, y, sample_weight, validation_split):
+def _py_dataset_length(py_dataset):
+    """Returns the number of batches of a `PyDataset` (None if infinite)."""
+    # `num_batches` came with Keras 3.3; earlier PyDatasets only define len().
+    if hasattr(py_dataset, "num_batches"):
+        return py_dataset.num_batches
+    return len(py_dataset)
+
+
+def _read_batches(iterator, steps, max_bytes, argname, dataset=None):
+    """Reads batches into numpy arrays, or returns None beyond `max_bytes`.
+
+    For a dataset of known size, the size is estimated from its first batch
+    before anything else is read.
+    """
+    batches, total = [], 0
+    for i, batch in enumerate(iterator):
+        if steps is not None and i >= steps:
+            break
+        batch = tf.nest.map_structure(_numpy_leaf, batch)
+        total += sum(a.nbytes for a in tf.nest.flatten(batch) if a is not None)
+        if i == 0 and dataset is not None and dataset.cardinality() > 0:
+            if total * int(dataset.cardinality()) > max_bytes:
+                return None
+        if total > max_bytes:
+            return None
+        batches.append(batch)
+    if not batches:
+        raise ValueError(f"`{argname}` is empty: it yields no batch.")
+    return batches
+
+
+def _numpy_leaf(leaf):
+    return None if leaf is None else np.asarray(leaf)
+
+
+def _concatenated(model, batches, argname):
+    """Joins batches of `(x, y, sample_weight)` into in-memory `_Data`.
+
+    Returns None when the batches cannot be joined (their shapes differ).
+    """
+    first = batches[0]
+    try:
+        joined = tf.nest.map_structure(
+            lambda *parts: None if parts[0] is None else np.concatenate(parts),
+            *batches,
+        )
+    except (ValueError, TypeError):
+        return None
+    x, y, sample_weight = joined
+    rows = len(tf.nest.flatten(first[0])[0])
+    return _make_data(model, x, y, sample_weight, rows, argname=argname)
+
+
+def _split_validation(x, y, sample_weight, validation_split):
     """Holds out the last `validation_split` fraction of array inputs."""
     if not 0.0 < validation_split < 1.0:
         raise ValueError(
             "`validation_split` must be a float in (0, 1). "
             f"Received: validation_split={validation_split!r}"
         )
-    if _is_dataset(x):
+    if _is_batch_source(x):
         raise ValueError(
-            "`validation_split` is only supported for array inputs, not for a "
-            "`tf.data.Dataset`. Pass `validation_data` instead."
+            "`validation_split` is only supported for arrays and tensors, not "
+            f"for a {type(x).__name__}. Pass `validation_data` instead."
         )
-    x, y, sw, size = _array_tensors(model, x, y, sample_weight, "x")
+    arrays = _map_tensors(
+        lambda t: t if tf.is_tensor(t) else np.asarray(t), (x, y, sample_weight)
+    )
+    size = len(tf.nest.flatten(arrays[0])[0])
     split = int(math.floor(size * (1.0 - validation_split)))
     if split == 0 or split == size:
         raise ValueError(
             f"`validation_split={validation_split}` leaves no training or no "
             f"validation samples out of {size}."
         )
+    train = _map_tensors(lambda t: t[:split], arrays)
+    validation = _map_tensors(lambda t: t[split:], arrays)
+    return train, validation
 
-    train = _map_tensors(lambda t: t[:split], (x, y, sw))
-    val = _map_tensors(lambda t: t[split:], (x, y, sw))
-    return train, val
+
+def _make_validation(model, validation_data, batch_size, steps, max_bytes):
+    """Returns validation data as `_Data` (Keras' accepted forms)."""
+    if _is_batch_source(validation_data):
+        return _make_data(
+            model,
+            validation_data,
+            steps=steps,
+            max_dataset_bytes=max_bytes,
+            argname="validation_data",
+        )
+    if not isinstance(validation_data, (tuple, list)) or not (
+        2 <= len(validation_data) <= 3
+    ):
+        raise ValueError(
+            "`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, "
+            "val_sample_weight)`, a `tf.data.Dataset`, a `PyDataset` or a "
+            "generator. Received: validation_data of type "
+            f"{type(validation_data).__name__}"
+        )
+    vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
+    return _make_data(model, vx, vy, vsw, batch_size, argname="validation_data")
 
 
 def _align_targets(y, y_pred):
@@ -493,21 +625,17 @@ def _align_targets(y, y_pred):
     """
     if y is None or tf.nest.is_nested(y) != tf.nest.is_nested(y_pred):
         return y
-    if tf.nest.is_nested(y):
-        try:
-            tf.nest.assert_same_structure(y, y_pred, check_types=False)
-        except (ValueError, TypeError):
-            return y
-        return tf.nest.map_structure(_align_target, y, y_pred, check_types=False)
-    return _align_target(y, y_pred)
+    try:
+        tf.nest.assert_same_structure(y, y_pred, check_types=False)
+    except (ValueError, TypeError):
+        return y
+    return tf.nest.map_structure(_align_target, y, y_pred, check_types=False)
 
 
 def _align_target(y, y_pred):
     y_rank, p_shape = y.shape.rank, y_pred.shape
     if y_rank is None or p_shape.rank is None:
         return y
-    # Keras itself handles a rank gap of one (y (n,) against (n, 1)), and
-    # reshaping there would retrace evaluate() for no gain.
     if y_rank <= p_shape.rank - 2 and all(d == 1 for d in p_shape[y_rank:]):
         return tf.reshape(y, tf.concat([tf.shape(y), [1] * (p_shape.rank - y_rank)], 0))
     if y_rank == p_shape.rank and any(
@@ -522,187 +650,197 @@ def _align_target(y, y_pred):
 
 
 ###############################################################################
-# Loss, gradient and Hessian-vector-product functions ########################
+# The objective: loss, gradient and Hessian-vector products ###################
 ###############################################################################
 
 
-def _batch_size_of(x):
-    """Returns the number of rows of the first input leaf, as float64."""
-    return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float64)
-
-
-def _loop_over_batches(data, tensors, step, state):
-    """Folds `step(batch, state)` over every batch of `data` (in a graph).
-
-    In-memory `tensors` (`data.tensors` as passed to the compiled function)
-    are sliced inside a `tf.range` loop, a dataset is iterated; either way
-    the whole pass is part of one compiled function.
-    """
-    if tensors is None:
-        for batch in data.dataset:
-            state = step(batch, state)
-        return state
-    if data.num_batches == 1:
-        return step(tensors, state)
-    size, rows = data.size, data.batch_size
-    for i in tf.range(data.num_batches):
-        start = i * rows
-        end = tf.minimum(start + rows, size)
-        batch = _map_tensors(lambda t, a=start, b=end: t[a:b], tensors)
-        state = step(batch, state)
-    return state
-
-
-def _data_leaves(data):
-    """Returns the in-memory tensors of `data` as a flat tuple (or `()`)."""
-    if data.tensors is None:
-        return ()
-    return tuple(t for t in tf.nest.flatten(data.tensors) if t is not None)
-
-
-def _with_leaves(data, leaves):
-    """Rebuilds `data.tensors` from `_data_leaves` (graph tensors), or None."""
-    if data.tensors is None:
-        return None
-    leaves = iter(leaves)
-    return _map_tensors(lambda t: next(leaves), data.tensors)
-
-
 class _Objective:
-    """Compiled loss/gradient and Hessian-vector-product functions of a model.
+    """The full-data loss of a model as compiled functions of its weight vector.
 
     `fg(x)` assigns the float64 vector `x` to the trainable variables, runs
-    over every batch of the data and returns the mean loss (compiled loss with
-    `loss_weights` and sample weights, plus regularization losses, exactly as
-    `evaluate()` reports it), its flat float64 gradient, and the compiled
-    metrics on the full data. `hessp(x, v)` likewise returns H(x) @ v, by
-    reverse-over-reverse differentiation (it works for every layer).
+    over every batch of the bound data in ONE compiled TensorFlow call and
+    returns the loss, its flat float64 gradient and the compiled metrics on
+    all the data. `hessp(x, v)` likewise returns H(x) @ v, by reverse-over-
+    reverse differentiation (it works for every layer).
 
-    Under a `tf.distribute` strategy with several replicas, every batch is
-    split across the replicas with `strategy.run` and the per-replica sums are
-    reduced; Keras' 1/replicas scaling of the loss in a replica is undone, and
-    weight regularization is added once.
+    The loss is `model.compute_loss` (the compiled losses with their
+    `loss_weights` and sample weights, plus regularization), evaluated with
+    `training=False` and combined over batches so that it does not depend on
+    `batch_size`: batch losses are averaged, weighted by rows, as `evaluate()`
+    does, or summed when every compiled loss sums over samples
+    (`reduction="sum"`); weight regularization counts once. Under a
+    `tf.distribute` strategy each batch is split over the replicas with
+    `strategy.run` and the replicas' terms are summed.
     """
 
-    def __init__(self, model, data, xla=False, xla_optional=False):
+    def __init__(self, model, xla=False, xla_optional=False):
         self.model = model
-        self.variables = list(model.trainable_variables)
-        self.sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.size = sum(self.sizes)
-        self.unused_variables = []
+        self.variables = list(model.trainable_variables)  # the order of `x`
+        self.size = sum(_sizes(self.variables))
+        self.xla = xla  # compile with XLA ...
+        self.xla_optional = xla_optional  # ... or fall back to a plain graph
+        self.fell_back = False  # XLA could not compile the model
+        self.unused_variables = []  # paths without a gradient, seen when traced
         self.strategy = model.distribute_strategy
         self.replicas = self.strategy.num_replicas_in_sync
-        self.data = data if self.replicas == 1 else data.distributed(self.strategy)
-        # In-memory data enters the compiled functions as arguments, so that a
-        # later fit() on data of the same shapes reuses them (see `rebind`).
-        self.leaves = _data_leaves(self.data)
-        self._loss_takes_training = (
-            "training" in inspect.signature(model.compute_loss).parameters
+        self.distributed = any(
+            isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)
+            for v in self.variables
         )
-        # Without compiled metrics, skip resetting, updating and reading them.
+        self.weighting = _batch_weighting(model) or "mean"
+        # Weight regularization is taken out of every batch's loss and added
+        # once, where batches (or replicas) would otherwise count it again.
+        self.separate_regularization = any(
+            getattr(v, "regularizer", None) is not None for v in model.trainable_weights
+        ) and (self.weighting == "sum" or self.distributed)
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
-        self.xla = xla
-        self._fg_call = self._compile(self._fg, self._batch_fg_terms, xla, xla_optional)
-        self._hessp_call = self._compile(
-            self._hessp, self._batch_hessp_terms, xla, xla_optional
+        self.loss_kwargs = (
+            {"training": False}
+            if "training" in inspect.signature(model.compute_loss).parameters
+            else {}
         )
-        if xla_optional and not xla and self._all_float64():
-            # float64 HVPs: XLA is 1.1-1.3x faster on some dense models and
-            # slower on others, and agrees to roundoff; measure once.
-            self._hessp_call = _FasterCall(
-                self._hessp_call,
-                self._compile(self._hessp, self._batch_hessp_terms, True, False),
-            )
-        self.assign = _ConcreteCall(
-            tf.function(lambda x: _assign_flat(x, self.variables))
+        self.data = None
+        self._stream = None  # what the compiled functions iterate, for datasets
+        self._functions = {}  # (kind, whole pass?) -> (function, plain fallback)
+        self._calls = {}  # kind -> the traced function for the bound data
+        self.assign = _concrete(
+            self._compiled(lambda x: _assign_flat(x, self.variables)),
+            (tf.TensorSpec([self.size], tf.float64),),
         )
 
-    def _compile(self, whole_pass, batch_terms, xla, xla_optional):
-        """Returns `whole_pass` as a `_ConcreteCall`, compiled with XLA or not.
+    def bind(self, data):
+        """Points the compiled functions at `data`.
 
-        With XLA, a pass over one in-memory batch is compiled whole; a pass
-        that loops (over slices or a dataset) compiles only its batch step,
-        as a nested function. With `xla_optional`, a model that XLA cannot
-        compile falls back to the plain graph.
+        In-memory data enters them as arguments, so that data of the same
+        shapes reuses their traces, as Keras reuses its train function
+        across `fit()` calls. A dataset is captured: it gets new traces.
         """
-
-        def compiled(terms, jit_compile=False):
-            # A closure, not functools.partial: tf.function would bind the
-            # partial's keyword at every call (0.3 ms).
-            def run(*tensors):
-                return whole_pass(*tensors, batch_terms=terms)
-
-            return tf.function(run, jit_compile=jit_compile)
-
-        if not xla:
-            return _ConcreteCall(compiled(batch_terms))
-        if self.data.tensors is not None and self.data.num_batches == 1:
-            with_xla = compiled(batch_terms, jit_compile=True)
-        else:
-            with_xla = compiled(tf.function(batch_terms, jit_compile=True))
-        fallback = compiled(batch_terms) if xla_optional else None
-        return _ConcreteCall(with_xla, fallback=fallback)
+        self.data, self._calls = data, {}
+        if data.tensors is None or self.distributed:
+            self._functions = {}
+            self._stream = data.dataset
+            if self.distributed:
+                self._stream, self._present = _distributed(data, self.strategy)
 
     def fg(self, x):
-        """Returns `(loss, gradient, metrics)` at the float64 tensor `x`."""
-        return self._fg_call(x, *self.leaves)
+        """Returns `(loss, gradient, metrics)` tensors at the float64 tensor `x`."""
+        return self._call("fg", x)
 
     def hessp(self, x, v):
         """Returns H(x) @ v for float64 tensors `x` and `v`."""
-        return self._hessp_call(x, v, *self.leaves)
+        return self._call("hessp", x, v)
 
-    @property
-    def fg_uses_xla(self):
-        """Whether `fg` runs with XLA (it may have fallen back)."""
-        return self.xla and not self._fg_call.fell_back
+    def _call(self, kind, *vectors):
+        data = self.data
+        in_memory = data.tensors is not None and not self.distributed
+        if in_memory:
+            args = (*vectors, data.tensors, data.batch_size)
+        else:
+            args = (*vectors, None, None)
+        if kind in self._calls:
+            return self._calls[kind](*args)
+        function, plain = self._function(kind, in_memory and data.num_batches == 1)
+        try:
+            call = _concrete(function, args)
+            result = call(*args)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            # XLA rejects some ops (e.g. tf.numpy_function) only when it
+            # compiles, at the first call: use the plain graph from now on.
+            if plain is None:
+                raise
+            self.fell_back = True
+            call = _concrete(plain, args)
+            result = call(*args)
+        self._calls[kind] = call
+        return result
 
-    @property
-    def hessp_uses_xla(self):
-        """Whether `hessp` runs with XLA (fallen back, or chosen by timing)."""
-        if isinstance(self._hessp_call, _FasterCall):
-            return self._hessp_call.chose_alternative
-        return self.xla and not self._hessp_call.fell_back
+    def _function(self, kind, whole):
+        """Returns the compiled pass and, if XLA may fall back, the plain one.
 
-    def _all_float64(self):
-        return all(v.dtype == "float64" for v in self.variables)
+        With XLA, a pass over one in-memory batch is compiled whole; a pass
+        that loops over batches compiles only the batch terms.
+        """
+        if (kind, whole) in self._functions:
+            return self._functions[kind, whole]
+        whole_pass, terms = {
+            "fg": (self._fg_pass, self._fg_terms),
+            "hessp": (self._hessp_pass, self._hessp_terms),
+        }[kind]
 
-    def rebind(self, data):
-        """Points the compiled functions at new data of the same structure."""
-        self.data = data
-        self.leaves = _data_leaves(data)
+        def traced(terms, jit_compile=False):
+            # A closure, not functools.partial: tf.function would bind the
+            # partial's keyword argument at every call.
+            def run(*args):
+                return whole_pass(*args, terms=terms)
 
-    # -- One batch (or one replica's share of it) -------------------------
+            return self._compiled(run, jit_compile)
 
-    def _data_loss(self, x, y, sample_weight):
-        """Returns `(rows, rows * loss, y, y_pred)` on one batch, Dropout off."""
+        plain = traced(terms)
+        if not self.xla:
+            functions = (plain, None)
+        else:
+            if whole:
+                with_xla = traced(terms, jit_compile=True)
+            else:
+                with_xla = traced(self._compiled(terms, jit_compile=True))
+            functions = (with_xla, plain if self.xla_optional else None)
+        self._functions[kind, whole] = functions
+        return functions
+
+    def _compiled(self, fn, jit_compile=False):
+        # `run_eagerly=True` runs everything eagerly, for debugging, as in Keras.
+        if self.model.run_eagerly:
+            return fn
+        return tf.function(fn, jit_compile=jit_compile)
+
+    # -- One batch (or one replica's share of it) -----------------------------
+
+    def _weighted_loss(self, x, y, sample_weight):
+        """Returns `(w, w * loss, y, y_pred)` of one batch, Dropout off.
+
+        `w` is the batch's weight in the full-data loss: its rows (for
+        losses averaged over samples) or 1 (for losses summed over samples).
+        """
         y_pred = self.model(x, training=False)
         y = _align_targets(y, y_pred)
-        kwargs = {"training": False} if self._loss_takes_training else {}
         loss = self.model.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **kwargs
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **self.loss_kwargs
         )
-        if self.replicas > 1:
-            # In a replica, Keras scales the whole loss by 1/replicas.
-            loss = loss * self.replicas - _weight_regularization(self.model)
-        rows = _batch_size_of(x)
-        return rows, rows * tf.cast(loss, tf.float64), y, y_pred
+        loss = tf.cast(loss, tf.float64)
+        if self.replicas > 1 and self.weighting == "mean":
+            # In a replica, Keras scales averaged losses (and regularization)
+            # by 1 / replicas; summed losses are left alone.
+            loss = loss * self.replicas
+        if self.separate_regularization:
+            scale = 1.0 if self.weighting == "mean" else 1.0 / self.replicas
+            loss = loss - scale * _weight_regularization(self.model)
+        if self.weighting == "mean":
+            weight = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float64)
+        else:
+            weight = tf.constant(1.0, tf.float64)
+        return weight, weight * loss, y, y_pred
 
-    def _batch_fg_terms(self, x, y, sample_weight):
+    def _fg_terms(self, x, y, sample_weight):
         with tf.GradientTape() as tape:
-            rows, f, y, y_pred = self._data_loss(x, y, sample_weight)
-        grads = tape.gradient(f, self.variables)
+            weight, loss, y, y_pred = self._weighted_loss(x, y, sample_weight)
+        grads = tape.gradient(loss, self.variables)
         self.unused_variables = [
             v.path for v, g in zip(self.variables, grads) if g is None
         ]
         if self.has_metrics:
             self.model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return rows, f, _flatten_float64(grads, self.variables)
+        return weight, loss, _flatten_float64(grads, self.variables)
 
-    def _batch_hessp_terms(self, x, y, sample_weight, vs):
-        def rows_times_loss():
-            return self._data_loss(x, y, sample_weight)[1]
+    def _hessp_terms(self, x, y, sample_weight, vs):
+        weight = None
 
-        return _batch_size_of(x), self._hessian_times(rows_times_loss, vs)
+        def weighted_loss():
+            nonlocal weight
+            weight, loss, _, _ = self._weighted_loss(x, y, sample_weight)
+            return loss
+
+        hv = self._hessian_times(weighted_loss, vs)
+        return weight, hv
 
     def _hessian_times(self, value_fn, vs):
         """Returns H @ v of the scalar `value_fn()`, by reverse-over-reverse."""
@@ -712,43 +850,19 @@ class _Objective:
             gv = _dot(inner.gradient(value, self.variables), vs)
         return _flatten_float64(outer.gradient(gv, self.variables), self.variables)
 
-    def _sum_over_replicas(self, fn, batch, *args):
-        """Runs `fn` on a batch: directly, or split over replicas and summed."""
-        if self.replicas == 1:
-            return fn(*batch, *args)
+    # -- Whole passes -----------------------------------------------------------
 
-        def replica_fn(*parts):
-            return fn(*self.data.with_nones(parts), *args)
-
-        per_replica = self.strategy.run(replica_fn, args=tuple(batch))
-        # One reduction per term: MultiWorkerMirroredStrategy packs a nested
-        # reduction into one tensor, which fails for terms of different shapes.
-        return tuple(
-            self.strategy.reduce(tf.distribute.ReduceOp.SUM, term, axis=None)
-            for term in per_replica
-        )
-
-    # -- Whole passes -------------------------------------------------------
-
-    def _fg(self, x, *leaves, batch_terms):
+    def _fg_pass(self, x, tensors, batch_size, terms):
         _assign_flat(x, self.variables)
         if self.has_metrics:
             self.model.reset_metrics()
         zero = tf.constant(0.0, tf.float64)
         state = (zero, zero, tf.zeros([self.size], tf.float64))
-
-        def step(batch, state):
-            terms = self._sum_over_replicas(batch_terms, batch)
-            return tuple(s + t for s, t in zip(state, terms))
-
-        tensors = _with_leaves(self.data, leaves)
-        rows, f, g = _loop_over_batches(self.data, tensors, step, state)
-        f, g = f / rows, g / rows
-        if self.replicas > 1:
-            with tf.GradientTape() as tape:
-                reg = tf.cast(_weight_regularization(self.model), tf.float64)
-            f = f + reg
-            g = g + _flatten_float64(tape.gradient(reg, self.variables), self.variables)
+        weight, f, g = self._over_batches(terms, tensors, batch_size, state)
+        f, g = self._normalized(weight, f), self._normalized(weight, g)
+        if self.separate_regularization:
+            regularization, gradient = self._regularization()
+            f, g = f + regularization, g + gradient
         metrics = {}
         if self.has_metrics:
             metrics = {
@@ -758,119 +872,138 @@ class _Objective:
             }
         return f, g, metrics
 
-    def _hessp(self, x, v, *leaves, batch_terms):
+    def _hessp_pass(self, x, v, tensors, batch_size, terms):
         _assign_flat(x, self.variables)
         vs = [
-            tf.cast(tf.reshape(p, w.shape), w.dtype)
-            for p, w in zip(tf.split(v, self.sizes), self.variables)
+            tf.cast(tf.reshape(part, w.shape), w.dtype)
+            for part, w in zip(tf.split(v, _sizes(self.variables)), self.variables)
         ]
-        zero = tf.constant(0.0, tf.float64)
-        state = (zero, tf.zeros([self.size], tf.float64))
-
-        def step(batch, state):
-            terms = self._sum_over_replicas(batch_terms, batch, vs)
-            return tuple(s + t for s, t in zip(state, terms))
-
-        tensors = _with_leaves(self.data, leaves)
-        rows, hv = _loop_over_batches(self.data, tensors, step, state)
-        hv = hv / rows
-        if self.replicas > 1:
-            regularization = functools.partial(_weight_regularization, self.model)
-            hv = hv + self._hessian_times(regularization, vs)
+        state = (tf.constant(0.0, tf.float64), tf.zeros([self.size], tf.float64))
+        weight, hv = self._over_batches(terms, tensors, batch_size, state, vs)
+        hv = self._normalized(weight, hv)
+        if self.separate_regularization:
+            hv = hv + self._regularization(vs)[0]
         return hv
 
+    def _regularization(self, vs=None):
+        """Returns `(R, gradient of R)`, or `(H(R) @ v,)` with `vs`, where R
+        is the weight regularization, computed once (in every replica and
+        averaged, where the variables live in replicas)."""
 
-class _ConcreteCall:
-    """Calls a `tf.function` through the one concrete function it traces.
+        def terms():
+            if vs is not None:
+                return (
+                    self._hessian_times(lambda: _weight_regularization(self.model), vs),
+                )
+            with tf.GradientTape() as tape:
+                regularization = _weight_regularization(self.model)
+            gradient = tape.gradient(regularization, self.variables)
+            return regularization, _flatten_float64(gradient, self.variables)
 
-    kormos calls its functions with float64 vectors of one fixed size, so
-    after the first call the concrete function is called directly, skipping
-    tf.function's argument binding and trace lookup (about 0.1 ms a call,
-    15-20% of a small model's evaluation). If the first call fails and a
-    `fallback` function is given, the fallback is used from then on.
-    """
-
-    def __init__(self, function, fallback=None):
-        self.function = function
-        self.fallback = fallback
-        self.fell_back = False
-        self.concrete = None
-
-    def __call__(self, *args):
-        if self.concrete is not None:
-            return self.concrete(*args)
-        try:
-            self.concrete = self.function.get_concrete_function(*args)
-            return self.concrete(*args)
-        except Exception:
-            # XLA rejects some ops only when it compiles, at the first call.
-            if self.fallback is None:
-                self.concrete = None
-                raise
-        self.function, self.fallback, self.fell_back = self.fallback, None, True
-        self.concrete = self.function.get_concrete_function(*args)
-        return self.concrete(*args)
-
-
-class _FasterCall:
-    """Calls `reference`, or `alternative` where one measurement finds it faster.
-
-    The first call returns the reference's result. If a second, timed run of
-    the reference took at least `min_seconds`, the alternative is run at the
-    same arguments (its first run may compile), then both are timed in
-    `rounds` interleaved rounds; the alternative is kept only if it runs,
-    agrees with the reference to `rtol` and its best time beats the
-    reference's best by `margin`. Both compute the same quantity, so the
-    choice changes results at roundoff level only.
-    """
-
-    def __init__(self, reference, alternative, min_seconds=0.01, margin=0.1):
-        self.reference = reference
-        self.alternative = alternative
-        self.min_seconds = min_seconds
-        self.margin = margin
-        self.rounds = 3
-        self.rtol = 1e-8
-        self.chosen = None
-
-    @property
-    def chose_alternative(self):
-        return self.chosen is self.alternative
-
-    def __call__(self, *args):
-        if self.chosen is not None:
-            return self.chosen(*args)
-        result = self.reference(*args)
-        self.chosen = self.reference
-        (seconds,) = _best_seconds([self.reference], args, rounds=1)
-        if seconds >= self.min_seconds and self._alternative_wins(args, result):
-            self.chosen = self.alternative
-        return result
-
-    def _alternative_wins(self, args, expected):
-        try:
-            got = self.alternative(*args).numpy()
-        except Exception:  # e.g. an op that XLA cannot compile
-            return False
-        expected = expected.numpy()
-        scale = np.max(np.abs(expected), initial=0.0)
-        if not np.allclose(got, expected, rtol=self.rtol, atol=self.rtol * scale):
-            return False
-        reference, alternative = _best_seconds(
-            [self.reference, self.alternative], args, self.rounds
+        if not self.distributed:
+            return terms()
+        return tuple(
+            self.strategy.reduce(tf.distribute.ReduceOp.MEAN, term, axis=None)
+            for term in self.strategy.run(terms)
         )
-        return alternative <= (1.0 - self.margin) * reference
+
+    def _normalized(self, weight, total):
+        return total / weight if self.weighting == "mean" else total
+
+    def _over_batches(self, terms, tensors, batch_size, state, *args):
+        """Sums `terms(batch, *args)` over every batch (inside the graph).
+
+        In-memory `tensors` are sliced `batch_size` rows at a time in a
+        `tf.range` loop; a dataset is iterated. Either way the whole pass is
+        one compiled function.
+        """
+
+        def add(batch, state):
+            batch_terms = self._on_replicas(terms, batch, *args)
+            return tuple(s + t for s, t in zip(state, batch_terms))
+
+        if tensors is None:
+            for batch in self._stream:
+                state = add(batch, state)
+            return state
+        size = int(tf.nest.flatten(tensors[0])[0].shape[0])
+        if batch_size >= size:
+            return add(tensors, state)
+        for i in tf.range(math.ceil(size / batch_size)):
+            start = i * batch_size
+            end = tf.minimum(start + batch_size, size)
+            batch = _map_tensors(lambda t, a=start, b=end: t[a:b], tensors)
+            state = add(batch, state)
+        return state
+
+    def _on_replicas(self, terms, batch, *args):
+        """Runs `terms` on a batch: directly, or split over replicas and summed."""
+        if not self.distributed:
+            return terms(*batch, *args)
+
+        def replica_terms(*parts):
+            parts = iter(parts)
+            batch = tuple(next(parts) if keep else None for keep in self._present)
+            return terms(*batch, *args)
+
+        per_replica = self.strategy.run(replica_terms, args=tuple(batch))
+        # One reduction per term: MultiWorkerMirroredStrategy packs a nested
+        # reduction into one tensor, which fails for terms of different shapes.
+        return tuple(
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, term, axis=None)
+            for term in per_replica
+        )
 
 
-def _best_seconds(functions, args, rounds):
-    """Returns each function's fastest call, timed in interleaved rounds."""
-    best = [float("inf")] * len(functions)
-    for _ in range(rounds):
-        for i, function in enumerate(functions):
-            start = time.perf_counter()
-            function(*args).numpy()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+def _concrete(function, args):
+    """Returns the traced concrete function of a `tf.function` for `args`.
+
+    kormos calls each function many times with arguments of one signature;
+    calling the concrete function skips tf.function's argument matching on
+    every call (and its warning about frequent tracing when many optimizers
+    trace the same code). An eager function is returned as it is.
+    """
+    if hasattr(function, "get_concrete_function"):
+        return function.get_concrete_function(*args)
+    return function
+
+
+def _batch_weighting(model):
+    """Returns how batch losses combine: "mean", "sum", or None if unknown.
+
+    A model that overrides `compute_loss`, or whose compiled losses reduce in
+    different ways (or with "mean_with_sample_weight"), gives None.
+    """
+    if type(model).compute_loss is not keras.Model.compute_loss:
+        return None
+    reductions = {
+        getattr(keras.losses.get(loss) if isinstance(loss, str) else loss,
+                "reduction", "sum_over_batch_size")
+        for loss in tf.nest.flatten(model.loss)
+        if loss is not None
+    }
+    if reductions == {"sum"}:
+        return "sum"
+    if reductions <= {"sum_over_batch_size", "mean"}:
+        return "mean"
+    return None
+
+
+def _distributed(data, strategy):
+    """Returns `(dataset, present)`: `data` distributed over the replicas.
+
+    Distributed datasets cannot hold `None`, so absent parts (no targets, no
+    sample weights) are dropped; `present` says where to put them back.
+    """
+    present = tuple(part is not None for part in data.first_batch())
+    if data.tensors is not None:
+        parts = tuple(p for p in data.tensors if p is not None)
+        dataset = tf.data.Dataset.from_tensor_slices(parts).batch(data.batch_size)
+    else:
+        dataset = data.dataset.map(
+            lambda *p: tuple(q for q, keep in zip(p, present) if keep)
+        )
+    return strategy.experimental_distribute_dataset(dataset), present
 
 
 def _dot(grads, vectors):
@@ -893,10 +1026,90 @@ def _weight_regularization(model):
     return tf.add_n(terms) if terms else tf.constant(0.0, tf.float64)
 
 
+def _probe_model(model, data):
+    """Builds the model and its metrics on a few rows, and checks its loss.
+
+    An unbuilt subclassed model is first built symbolically, with an unknown
+    batch size, as Keras' own `fit()` does. Keras creates metric variables
+    lazily; creating them here, eagerly, keeps tf.function from tracing
+    variable creation.
+
+    Returns:
+        The number of loss terms that `add_loss` or activity regularizers
+        added per call (they are computed per batch).
+    """
+    x, y, sample_weight = data.first_batch()
+    if not model.built:
+        _build_symbolically(model, x)
+    y_pred = model(x, training=False)
+    y = _align_targets(y, y_pred)
+    try:
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+    except ValueError as e:
+        if "No loss to compute" not in str(e):
+            raise
+        raise ValueError(
+            "The model has no loss: pass `loss=` to `compile()` or override "
+            "`compute_loss`."
+        ) from None
+    if loss is None:
+        raise ValueError("`compute_loss` returned None; it must return a scalar.")
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    model.reset_metrics()
+    regularized = [w for w in model.weights if getattr(w, "regularizer", None)]
+    return len(model.losses) - len(regularized)
+
+
+def _build_symbolically(model, x):
+    """Builds `model` on symbolic inputs of `x`'s shapes, batch size unknown."""
+    symbolic = tf.nest.map_structure(
+        lambda t: keras.KerasTensor((None, *t.shape[1:]), dtype=t.dtype.name), x
+    )
+    try:
+        model(symbolic, training=False)
+    except Exception:  # noqa: BLE001 - some models build only on real data
+        pass
+
+
+def _xla_choice(model, jit_compile):
+    """Returns `(xla, optional)`: compile with XLA, and may kormos fall back.
+
+    `jit_compile=True` asks for XLA (errors propagate) and `False` forbids
+    it. For `"auto"`, Keras uses XLA on GPUs where every layer supports it
+    and never on CPUs; kormos also uses it on CPUs for models with an
+    `Embedding` layer, whose gathers XLA runs several times faster
+    (benchmarks/bench.py, "mf" row), falling back to a plain graph if XLA
+    cannot compile the model. The choice depends only on the model.
+    """
+    if jit_compile is True:
+        return True, False
+    if jit_compile is False or model.run_eagerly:
+        return False, False
+    layers = _all_layers(model)
+    if not all(getattr(layer, "supports_jit", True) for layer in layers):
+        return False, False
+    if model.jit_compile is True:  # Keras' own "auto" chose XLA (a GPU)
+        return True, True
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        return False, False
+    embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
+    return embedding, True
+
+
+def _all_layers(model):
+    """Returns every layer nested in `model`, custom layers' sublayers too.
+
+    Keras 3 has no public recursive walk (`model.layers` lists only the top
+    level), so this uses the private `_flatten_layers`.
+    """
+    return list(model._flatten_layers(include_self=False))
+
+
 ###############################################################################
 # Batch optimizers ############################################################
 ###############################################################################
 
+_DEFAULT_EPOCHS = 20
 
 # `OptimizeResult.status` of runs that kormos ended (99 is scipy's own code
 # for a callback that raised StopIteration).
@@ -904,15 +1117,6 @@ _STATUS_BUDGET_USED = 1
 _STATUS_INTERRUPTED = 97
 _STATUS_NOT_FINITE = 98
 _STATUS_STOPPED = 99
-
-
-class _StopSolver(Exception):
-    """Raised inside the scipy callback to end the solver cleanly."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class BatchOptimizer:
@@ -927,10 +1131,10 @@ class BatchOptimizer:
     - `hess(x)`, the dense Hessian (small models only).
 
     Each evaluation is ONE compiled TensorFlow call that assigns `x`, loops
-    over every mini-batch, and accumulates the mean loss and its derivatives
-    in float64. Values at the last few `x` are cached, so `fg` and `hessp` at
-    the same point are never computed twice. Subclasses implement
-    `minimize()`; see `ScipyBatchOptimizer`.
+    over every mini-batch, and accumulates the loss and its derivatives in
+    float64. The last `max_cache_entries` evaluations are remembered, so that
+    logging an iterate the solver has just evaluated costs nothing.
+    Subclasses implement `minimize()`; see `ScipyBatchOptimizer`.
 
     Example:
 
@@ -941,69 +1145,152 @@ class BatchOptimizer:
     ```
 
     Args:
-        name: Name of the optimizer. Defaults to `"batch_optimizer"`.
+        name: Name of the optimizer. Defaults to `"batchoptimizer"`.
+        batch_size: Rows per mini-batch of an evaluation, when `fit()` or
+            `build()` is not given one; it bounds memory and does not change
+            the loss. Defaults to `None` (all rows in one batch).
         max_cache_entries: How many evaluated points to remember.
-            Defaults to `16`.
+            Defaults to `2`, enough for every scipy method.
+        dtype: The dtype of the solver's vectors: scipy's solvers work in
+            float64 only. Defaults to `"float64"`.
+        max_dataset_bytes: A finite `tf.data.Dataset`, `PyDataset` or
+            generator holding at most this many bytes is read into memory
+            once, so that each evaluation costs what arrays cost; a larger
+            dataset is streamed at every evaluation (a generator, which can
+            be read only once, must fit). Defaults to 256 MiB.
     """
 
-    def __init__(self, name="batch_optimizer", max_cache_entries=16):
+    def __init__(
+        self,
+        name="batchoptimizer",
+        batch_size=None,
+        max_cache_entries=2,
+        dtype="float64",
+        max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES,
+    ):
+        _check_batch_size(batch_size)
+        _check_positive_int(max_cache_entries, "max_cache_entries")
+        _check_positive_int(max_dataset_bytes, "max_dataset_bytes")
         self.name = name
-        self.max_cache_entries = max_cache_entries
+        self.batch_size = batch_size
+        self.max_cache_entries = int(max_cache_entries)
+        self.dtype = _check_solver_dtype(dtype)
+        self.max_dataset_bytes = int(max_dataset_bytes)
         # Keras' evaluate()/predict() build `model.optimizer` unless it is
-        # built; a batch optimizer has no slot variables to build.
+        # built; a batch optimizer has no variables to build.
         self.built = True
-        self.results = []
         self.model = None
+        self.results = []  # the OptimizeResults of the last minimize()
+        self.iterations = 0  # solver iterations in the last minimize()
+        self.fg_evals = 0  # loss-and-gradient passes in the last minimize()
+        self.hessp_evals = 0  # Hessian-vector-product passes, likewise
+        self._jit_compile = "auto"
         self._objective = None
-        self._objective_key = None
-        self._reset_counters()
+        self._cache = []  # [(x, (loss, gradient, metrics))], newest last
 
-    def _reset_counters(self):
-        self.fg_evals = 0
-        self.hessp_evals = 0
-        self._cache = collections.OrderedDict()
-        self._assigned = None  # x.tobytes() of the point last written, if known
+    @property
+    def variables(self):
+        """The optimizer's own state variables: none (scipy holds the state)."""
+        return []
+
+    @property
+    def jit_compile(self):
+        """XLA request of the model's `compile()`: `True`, `False` or "auto".
+
+        Setting it drops the compiled functions, so that the next `build()`
+        compiles anew.
+        """
+        return self._jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        if value not in (True, False, "auto"):
+            raise ValueError(
+                "`jit_compile` must be True, False or 'auto'. "
+                f"Received: jit_compile={value!r}"
+            )
+        self._jit_compile = value
+        self._objective = None
+
+    @property
+    def uses_xla(self):
+        """Whether evaluations run XLA-compiled (False before `build()`)."""
+        objective = self._objective
+        return bool(objective and objective.xla and not objective.fell_back)
 
     # -- Binding ---------------------------------------------------------------
 
-    def build(self, model, x=None, y=None, sample_weight=None, batch_size=None):
+    def build(
+        self,
+        model,
+        x=None,
+        y=None,
+        sample_weight=None,
+        batch_size=None,
+        class_weight=None,
+        steps=None,
+    ):
         """Binds `model` and its training data to this optimizer.
 
         `model.fit()` does this itself; call it to use `func_and_grad`,
-        `hessp` etc. directly.
+        `hessp` or `minimize` directly. Nothing here changes the weights.
 
         Args:
             model: A compiled Keras model.
-            x: Inputs, as `fit()` takes them (arrays, a dict or list of
-                arrays, or a `tf.data.Dataset` of `(x, y[, sample_weight])`).
-            y: Targets, unless `x` is a dataset.
+            x: Inputs, in any form `keras.Model.fit()` takes (arrays, tensors,
+                pandas, a list or dict of them, a `tf.data.Dataset`, a
+                `keras.utils.PyDataset` or a generator yielding `(x, y)` or
+                `(x, y, sample_weight)` batches). As in kormos 0.1's
+                `build(model, Xyw)`, a tuple `(x, y)` or `(x, y,
+                sample_weight)` with `y` left `None` is unpacked.
+            y: Targets, unless `x` yields them.
             sample_weight: Optional per-sample weights.
-            batch_size: Rows per mini-batch; `None` puts all rows in one.
+            batch_size: Rows per mini-batch. Defaults to the optimizer's.
+            class_weight: Optional dict mapping class indices to weights.
+            steps: Batches of a dataset, `PyDataset` or generator that make
+                up the training data (required if it is infinite).
 
         Returns:
             This optimizer.
+
+        Raises:
+            ValueError: For bad data, a model without a loss or without
+                trainable weights.
         """
-        data = _make_data(model, x, y, sample_weight, batch_size)
-        return self._bind(model, data)
+        if y is None and sample_weight is None and _is_xyw_tuple(x):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(x)
+        data = _make_data(
+            model,
+            x,
+            y,
+            sample_weight,
+            self.batch_size if batch_size is None else batch_size,
+            class_weight,
+            steps,
+            self.max_dataset_bytes,
+        )
+        self._bind(model, data)
+        return self
 
     def _bind(self, model, data):
-        """Binds `model` and an already checked `_Data`."""
-        _probe_model(model, data)  # also builds a subclassed model
+        per_batch_losses = _probe_model(model, data)
         if not model.trainable_variables:
             raise ValueError(
                 "The model has no trainable weights to optimize: make sure "
                 "some of its layers are trainable."
             )
-        self.model = model
-        xla, optional = _xla_choice(model)
-        key = _objective_key(model, data, xla)
-        if key is not None and key == self._objective_key:
-            self._objective.rebind(data)  # no new tracing or XLA compilation
-        else:
-            self._objective = _Objective(model, data, xla=xla, xla_optional=optional)
-            self._objective_key = key
-        self._reset_counters()
-        return self
+        if data.num_batches != 1:
+            _warn_if_batches_change_the_loss(model, per_batch_losses)
+        objective = self._objective
+        if (
+            objective is None
+            or objective.model is not model
+            or [id(v) for v in objective.variables]
+            != [id(v) for v in model.trainable_variables]
+        ):
+            objective = _Objective(model, *_xla_choice(model, self._jit_compile))
+        objective.bind(data)
+        self.model, self._objective, self._cache = model, objective, []
 
     def _require_built(self):
         if self._objective is None:
@@ -1012,31 +1299,19 @@ class BatchOptimizer:
                 "`model.fit(...)` or `optimizer.build(model, x, y)` first."
             )
 
-    # -- The flat parameter vector -----------------------------------------
-
-    @property
-    def variables(self):
-        """The trainable variables that the flat vector maps to."""
-        self._require_built()
-        return self._objective.variables
+    # -- The flat parameter vector ---------------------------------------------
 
     def get_weights(self):
         """Returns the trainable weights as one flat float64 vector."""
-        return pack_weights(self.variables)
+        self._require_built()
+        return pack_weights(self._objective.variables)
 
     def set_weights(self, x):
         """Assigns the flat vector `x` to the trainable weights."""
         self._require_built()
-        x = _as_flat_float64(x, self._objective.size)
-        self._objective.assign(tf.constant(x))
-        self._assigned = x.tobytes()
+        self._objective.assign(tf.constant(_as_flat_float64(x, self._objective.size)))
 
-    def _ensure_weights(self, x):
-        """Assigns `x` unless this optimizer's last write was `x` itself."""
-        if np.asarray(x, np.float64).tobytes() != self._assigned:
-            self.set_weights(x)
-
-    # -- Objective ----------------------------------------------------------
+    # -- Objective ---------------------------------------------------------------
 
     def func_and_grad(self, x):
         """Returns the full-data loss and its gradient at `x`.
@@ -1050,8 +1325,8 @@ class BatchOptimizer:
         Raises:
             FloatingPointError: If the loss or the gradient is not finite.
         """
-        f, g, _ = self._evaluate(x)
-        return f, g
+        loss, gradient, _ = self._evaluate(x)
+        return loss, gradient
 
     def func(self, x):
         """Returns the full-data loss at `x` (a Python float)."""
@@ -1078,13 +1353,8 @@ class BatchOptimizer:
         self._require_built()
         n = self._objective.size
         x, v = _as_flat_float64(x, n), _as_flat_float64(v, n, "v")
-        key = _PointKey("hessp", x, v)
-        if key not in self._cache:
-            self.hessp_evals += 1
-            hv = self._objective.hessp(tf.constant(x), tf.constant(v)).numpy()
-            self._assigned = key.point
-            self._remember(key, hv)
-        return self._cache[key]
+        self.hessp_evals += 1
+        return self._objective.hessp(tf.constant(x), tf.constant(v)).numpy()
 
     def hess(self, x):
         """Returns the dense Hessian at `x`, one Hessian-vector product a column.
@@ -1101,57 +1371,53 @@ class BatchOptimizer:
     def _evaluate(self, x):
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        key = _PointKey("fg", x)
-        if key not in self._cache:
-            self.fg_evals += 1
-            f, g, metrics = self._objective.fg(tf.constant(x))
-            self._assigned = key.point
+        value = self._cached(x)
+        if value is None:
+            loss, gradient, metrics = self._objective.fg(tf.constant(x))
             value = (
-                float(f),
-                g.numpy(),
+                float(loss),
+                gradient.numpy(),
                 {k: float(v) for k, v in metrics.items()},
             )
-            self._remember(key, value)
+            self.fg_evals += 1
+            remembered = self._cache + [(x.copy(), value)]
+            self._cache = remembered[-self.max_cache_entries :]
             _warn_unused_variables(self._objective)
-        f, g, metrics = self._cache[key]
-        if not (np.isfinite(f) and np.all(np.isfinite(g))):
-            what = "loss" if not np.isfinite(f) else "gradient"
+        loss, gradient, _ = value
+        if not (np.isfinite(loss) and np.all(np.isfinite(gradient))):
+            what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
-                f"The {what} is not finite (loss={f}) at the current weights."
+                f"The {what} is not finite (loss={loss}) at the current weights."
             )
-        return self._cache[key]
+        return value
 
-    def _cached_fg(self, x):
-        """Returns `(loss, gradient)` at `x`, or `(nan, None)` if not finite."""
-        try:
-            return self.func_and_grad(x)
-        except FloatingPointError:
-            return float("nan"), None
+    def _cached(self, x):
+        """Returns the remembered evaluation at `x`, or None."""
+        for point, value in reversed(self._cache):
+            if point[0] == x[0] and np.array_equal(point, x):
+                return value
+        return None
 
-    def _remember(self, key, value):
-        self._cache[key] = value
-        while len(self._cache) > self.max_cache_entries:
-            self._cache.popitem(last=False)
+    # -- Solver ------------------------------------------------------------------
 
-    # -- Solver ---------------------------------------------------------------
+    def minimize(self, epochs=None, callback=None, pretrain_fn=None, **kwargs):
+        """Minimizes the bound objective from the current weights.
 
-    def minimize(self, epochs=20, callback=None, **kwargs):
-        """Minimizes the bound objective; subclasses implement it.
-
-        Args:
-            epochs: The iteration budget.
-            callback: Called as `callback(x)` after each iteration with a
-                copy of the iterate; returning `True` stops the solver.
-            **kwargs: Solver-specific arguments.
+        Subclasses implement it; see `ScipyBatchOptimizer.minimize`.
 
         Returns:
-            A `scipy.optimize.OptimizeResult`.
+            The final weights as a flat float64 vector.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement `minimize()`.")
 
     def get_config(self):
         """Returns the constructor arguments, as Keras objects do."""
-        return {"name": self.name, "max_cache_entries": self.max_cache_entries}
+        return {
+            "name": self.name,
+            "batch_size": self.batch_size,
+            "max_cache_entries": self.max_cache_entries,
+            "max_dataset_bytes": self.max_dataset_bytes,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -1162,122 +1428,57 @@ class BatchOptimizer:
         return f"{type(self).__name__}({self.get_config()})"
 
 
-def _objective_key(model, data, xla):
-    """Returns what the compiled functions of an `_Objective` depend on.
-
-    Two binds with equal keys can share the traced (and XLA-compiled)
-    functions, as Keras reuses its train function across `fit()` calls:
-    the same model, compile() call and trainable variables, and in-memory
-    data of the same structure, shapes, dtypes and batch size. Datasets and
-    distributed models are traced for each bind (key `None`).
-    """
-    if data.tensors is None or model.distribute_strategy.num_replicas_in_sync > 1:
-        return None
-    specs = _map_tensors(lambda t: (tuple(t.shape), t.dtype.name), data.tensors)
-    return (
-        id(model),
-        getattr(model, "_kormos_compile_id", None),
-        tuple(id(v) for v in model.trainable_variables),
-        xla,
-        data.batch_size,
-        repr(specs),
-    )
-
-
-class _PointKey:
-    """A cache key for an evaluation at float64 vectors, cheap to hash.
-
-    Hashing every byte of a 50,000-weight vector costs 0.1 ms, more than a
-    small model's evaluation; the hash covers a sample of at most 64 entries
-    of each vector, while equality still compares every byte.
-    """
-
-    __slots__ = ("parts", "_hash")
-
-    def __init__(self, kind, *vectors):
-        self.parts = (kind,) + tuple(v.tobytes() for v in vectors)
-        sample = tuple(v[:: max(1, v.size // 64)].tobytes() for v in vectors)
-        self._hash = hash((kind,) + sample)
-
-    @property
-    def point(self):
-        """The bytes of the point `x` (the first vector)."""
-        return self.parts[1]
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        return isinstance(other, _PointKey) and self.parts == other.parts
-
-
-def _as_flat_float64(x, n, argname="x"):
-    """Returns `x` as a float64 vector of size `n`, or raises."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 1 or x.shape[0] != n:
+def _check_positive_int(value, argname):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(
-            f"Expected a flat vector of size {n}. Received: {argname}.shape={x.shape}"
+            f"`{argname}` must be a positive integer. Received: {argname}={value!r}"
         )
-    return x
 
 
-def _xla_choice(model):
-    """Returns `(xla, optional)`: compile the batch step with XLA, and may
-    kormos fall back to a plain graph if XLA cannot compile the model.
-
-    `compile(jit_compile=True)` asks for XLA (errors propagate) and
-    `jit_compile=False` forbids it. For `"auto"`, Keras turns XLA off on
-    CPUs and on for GPUs where the layers support it; kormos keeps that,
-    except that on CPUs it compiles models with an `Embedding` layer: XLA
-    runs their gather/scatter about 8x faster than TensorFlow's CPU kernels
-    (matrix factorization in benchmarks/bench.py), while it makes a float32
-    MLP 1.3-1.6x slower.
-    """
-    if model.jit_compile:
-        return True, False
-    request = getattr(model, "_kormos_jit_compile", "auto")
-    auto = request == "auto" and not model.run_eagerly
-    if not auto or model.distribute_strategy.num_replicas_in_sync > 1:
-        return False, False
-    layers = _all_layers(model)
-    if not all(getattr(layer, "supports_jit", True) for layer in layers):
-        return False, False
-    embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
-    return embedding, True
-
-
-def _all_layers(model):
-    """Returns every layer nested in `model`, custom layers' sublayers too.
-
-    Keras 3 has no public recursive walk (`model.layers` lists only the top
-    level), so this uses the private `_flatten_layers`.
-    """
-    return list(model._flatten_layers(include_self=False))
-
-
-def _probe_model(model, data):
-    """Runs the loss once eagerly on two rows to build the model and metrics.
-
-    Keras creates metric variables lazily; creating them eagerly here keeps
-    tf.function from tracing variable creation. It also checks that the model
-    has a loss.
-    """
-    x, y, sw = data.first_batch()
-    y_pred = model(x, training=False)
-    y = _align_targets(y, y_pred)
+def _check_solver_dtype(dtype):
+    """Returns "float64", or raises: scipy's solvers work in float64 only."""
     try:
-        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw)
-    except ValueError as e:
-        if "No loss to compute" not in str(e):
-            raise
+        name = tf.as_dtype(dtype).name
+    except TypeError:
+        name = None
+    if name != "float64":
         raise ValueError(
-            "The model has no loss: pass `loss=` to `compile()` or override "
-            "`compute_loss`."
-        ) from None
-    if loss is None:
-        raise ValueError("`compute_loss` returned None; it must return a scalar.")
-    model.compute_metrics(x, y, y_pred, sample_weight=sw)
-    model.reset_metrics()
+            "`dtype` must be float64: scipy's solvers work on float64 vectors "
+            "(the model itself may compute in float32). Received: "
+            f"dtype={dtype!r}"
+        )
+    return name
+
+
+def _is_xyw_tuple(x):
+    """True for kormos 0.1's `Xyw`: an `(x, y)` or `(x, y, w)` tuple."""
+    return isinstance(x, tuple) and 2 <= len(x) <= 3
+
+
+def _warn_if_batches_change_the_loss(model, per_batch_losses):
+    if per_batch_losses > 0:
+        _warn(
+            "The model adds losses per call (`add_loss` or an activity "
+            "regularizer). Split into batches, they are computed on each "
+            "batch and averaged, weighted by rows, so the objective depends "
+            "on `batch_size`; pass batch_size=None to compute them on all rows."
+        )
+    elif _batch_weighting(model) is None:
+        _warn(
+            "kormos cannot tell how this model's loss combines over batches "
+            "(a custom `compute_loss`, or compiled losses reduced in different "
+            "ways); it averages the batch losses weighted by rows, so the "
+            "objective may depend on `batch_size`."
+        )
+
+
+def _warn_unused_variables(objective):
+    if objective.unused_variables:
+        _warn(
+            "These trainable weights have no gradient path to the loss and "
+            f"stay fixed: {objective.unused_variables}"
+        )
+        objective.unused_variables = []
 
 
 def _warn(message):
@@ -1285,28 +1486,60 @@ def _warn(message):
 
     The warning points at the first frame outside kormos, Keras and
     TensorFlow (usually the user's `fit()` call), however deep in kormos it
-    was raised.
+    was raised. (Python 3.12's `skip_file_prefixes` does this by file path;
+    this walk uses module names, and works on Python 3.10 too.)
     """
     frame, level = sys._getframe(1), 2
-    while frame is not None and _is_library_frame(frame):
+    while frame is not None and _is_library_module(frame.f_globals):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def _is_library_frame(frame):
-    filename = frame.f_code.co_filename
-    return filename == __file__ or any(
-        f"{os.sep}{package}{os.sep}" in filename for package in ("keras", "tensorflow")
-    )
+def _is_library_module(module_globals):
+    name = module_globals.get("__name__", "")
+    return module_globals is globals() or name.split(".")[0] in ("keras", "tensorflow")
 
 
-def _warn_unused_variables(objective):
-    if objective.unused_variables:
-        _warn(
-            "These trainable weights have no gradient path to the loss and "
-            f"stay fixed: {objective.unused_variables}",
+class _Interrupts:
+    """Ctrl-C during a fit: stop at the next safe point, keeping the weights.
+
+    While kormos fits (inside `deferred()`, in the main thread), the first
+    SIGINT only sets `requested`; the solver checks it at every evaluation
+    and iteration and ends the run at the last iterate, so an interrupt never
+    leaves the model between iterates or the History short of the model's
+    weights. A second SIGINT raises `KeyboardInterrupt` at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def deferred(self):
+        install = (
+            self._depth == 0
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         )
-        objective.unused_variables = []
+        if self._depth == 0:
+            self.requested = False
+        if install:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if install:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+_INTERRUPTS = _Interrupts()
 
 
 class ScipyBatchOptimizer(BatchOptimizer):
@@ -1318,8 +1551,8 @@ class ScipyBatchOptimizer(BatchOptimizer):
     `"trust-constr"` also get exact Hessian-vector products, `"trust-exact"`
     and `"dogleg"` the dense Hessian (small models), and derivative-free
     methods (`"Nelder-Mead"`, `"Powell"`, `"COBYLA"`, `"COBYQA"`) the loss.
-    After `fit()`, `results` holds one `scipy.optimize.OptimizeResult` per
-    solver run.
+    Arguments given here are defaults that `minimize()` and `fit()` may
+    override. The argument order is kormos 0.1's (`name` first).
 
     Example:
 
@@ -1331,32 +1564,39 @@ class ScipyBatchOptimizer(BatchOptimizer):
     ```
 
     Args:
+        name: Name of the optimizer. Defaults to `"scipy"`.
         method: A `scipy.optimize.minimize` method name, in any case, or a
             custom minimizer callable `(fun, x0, args, **kwargs)` returning an
-            `OptimizeResult`. Defaults to `"L-BFGS-B"`.
-        options: Dict passed to `scipy.optimize.minimize(options=...)`; see
-            `scipy.optimize.show_options("minimize", method)`. `fit(epochs=)`
-            sets `maxiter`. Defaults to `None`.
+            `OptimizeResult`; or a list of them to chain. Defaults to
+            `"L-BFGS-B"`.
+        epochs: The iteration budget (or a list, one per chained method).
+            Defaults to `options["maxiter"]` if given, else 20.
+        pretrain_fn: `fn(model)` called before the solver starts (or a list,
+            one per chained method). Defaults to `None`.
+        options: Dict passed to `scipy.optimize.minimize(options=...)` (or a
+            list of dicts); see `scipy.optimize.show_options("minimize",
+            method)`. Its `maxiter` is the iteration budget: see `minimize()`.
         bounds: Bounds on the weights, for the methods that take them: a
             `scipy.optimize.Bounds`, a sequence of `(low, high)` pairs over
             the flat vector, or a dict mapping a variable path or path suffix
             (e.g. `"dense/kernel"`) to `(low, high)`. Keras box constraints
             (`keras.constraints.NonNeg`) are added automatically.
-            Defaults to `None`.
         constraints: `scipy.optimize` constraints over the flat vector, for
             `"SLSQP"`, `"trust-constr"`, `"COBYLA"` and `"COBYQA"`.
-            Defaults to `None`.
-        tol: Tolerance passed to `scipy.optimize.minimize`. Defaults to `None`.
+        tol: Tolerance passed to `scipy.optimize.minimize`.
         max_dense_params: Largest number of weights for which a method that
             keeps dense n x n matrices (`"BFGS"`, `"SLSQP"`, `"trust-exact"`,
-            `"dogleg"`) is allowed. Defaults to `2000` (about 0.1 GB; one
-            BFGS update of scipy then takes about a second on 2 CPU cores).
-        **kwargs: `name` and `max_cache_entries`, see `BatchOptimizer`.
+            `"dogleg"`) is allowed. Defaults to `2000` (about 0.1 GB).
+        **kwargs: `batch_size`, `max_cache_entries`, `dtype` and
+            `max_dataset_bytes`; see `BatchOptimizer`.
     """
 
     def __init__(
         self,
-        method="L-BFGS-B",
+        name="scipy",
+        method=None,
+        epochs=None,
+        pretrain_fn=None,
         options=None,
         bounds=None,
         constraints=None,
@@ -1364,135 +1604,153 @@ class ScipyBatchOptimizer(BatchOptimizer):
         max_dense_params=2000,
         **kwargs,
     ):
-        kwargs.setdefault("name", "scipy_batch_optimizer")
-        super().__init__(**kwargs)
-        self.method = _canonical_method(method)
-        self.options = _check_options(options)
+        super().__init__(name=name, **kwargs)
+        if method is None and isinstance(name, str) and name.lower() in METHODS:
+            _warn(
+                f"ScipyBatchOptimizer({name!r}) names the optimizer {name!r} and "
+                "runs L-BFGS-B: its first argument is `name`, as in kormos 0.1. "
+                f"Pass method={name!r} to run {name}."
+            )
+        method = "l-bfgs-b" if method is None else method
+        self.method = (
+            [_canonical_method(m) for m in method]
+            if isinstance(method, (list, tuple))
+            else _canonical_method(method)
+        )
+        self.epochs = epochs
+        self.pretrain_fn = pretrain_fn
+        self.options = options
         self.bounds = bounds
         self.constraints = constraints
         self.tol = tol
         self.max_dense_params = max_dense_params
+        _plan_runs(self.method, epochs, options, pretrain_fn)  # checks them
 
     def minimize(
         self,
-        epochs=20,
+        epochs=None,
         callback=None,
+        pretrain_fn=None,
         method=None,
         options=None,
         bounds=None,
         constraints=None,
         tol=None,
     ):
-        """Runs the solver from the current weights and leaves the best ones.
+        """Runs the solver (or a chain of solvers) from the current weights.
 
-        Arguments left `None` take this optimizer's own settings. The model
-        ends at the solver's answer, or at the last iterate that the solver
-        accepted if it was stopped (by `callback`, by a non-finite loss or
-        by Ctrl-C).
+        Arguments left `None` take this optimizer's own settings. `method`,
+        `epochs`, `options` and `pretrain_fn` may be lists of equal length
+        (a single value is used for every run) to chain solvers, each
+        warm-started from the last. Each run's `scipy.optimize.OptimizeResult`
+        goes to `results`, which holds the runs of the last call only.
+
+        The model ends at the solver's answer, or at the last iterate passed
+        to `callback` if the run was stopped: by `callback`, by a loss that
+        is not finite, or by Ctrl-C (the first Ctrl-C ends the run at the
+        next evaluation or iteration; a second one raises KeyboardInterrupt).
 
         Args:
-            epochs: The iteration budget, passed as `options["maxiter"]`. TNC
-                has no `maxiter` and COBYLA/COBYQA count function evaluations
-                with it, so for these kormos counts the iterations itself.
+            epochs: The iteration budget, passed as `options["maxiter"]`.
+                TNC has no `maxiter` and COBYLA/COBYQA count function
+                evaluations with it, so for these kormos counts the
+                iterations itself. If both `epochs` and `options["maxiter"]`
+                are given and differ, `epochs` wins, with a warning; if
+                neither is, the budget is 20.
             callback: `callback(x) -> bool`, called after each iteration with
-                a copy of the iterate; returning `True` stops the solver.
+                a copy of the iterate (and once more with the final weights
+                if the solver's answer is not its last iterate); returning
+                `True` stops the chain.
+            pretrain_fn: `fn(model)` called before the run starts, e.g. to
+                freeze a layer; the trainable weights may change.
             method, options, bounds, constraints, tol: As in the constructor.
 
         Returns:
-            The `scipy.optimize.OptimizeResult`, also appended to `results`.
+            The final weights as a flat float64 vector (as kormos 0.1 did);
+            `results[-1]` is the last run's `OptimizeResult`.
 
         Raises:
             ValueError: For arguments the method cannot take, or a loss that
-                is not finite at the starting weights.
+                is not finite at the starting weights; raised before any
+                weight changes.
         """
         self._require_built()
-        run = self._plan(epochs, method, options, bounds, constraints, tol)
+        runs = _plan_runs(
+            self.method if method is None else method,
+            self.epochs if epochs is None else epochs,
+            self.options if options is None else options,
+            self.pretrain_fn if pretrain_fn is None else pretrain_fn,
+            warn=True,
+        )
+        bounds = self.bounds if bounds is None else bounds
+        constraints = self.constraints if constraints is None else constraints
+        tol = self.tol if tol is None else tol
+        for run in runs:
+            _check_solver_arguments(run.method, bounds, constraints)
+            _check_dense_size(run.method, self._objective.size, self.max_dense_params)
+        self.results, self.iterations, self.fg_evals, self.hessp_evals = [], 0, 0, 0
+        with _INTERRUPTS.deferred():
+            for run in runs:
+                if run.pretrain_fn is not None:
+                    run.pretrain_fn(self.model)
+                    self._rebind_if_trainables_changed()
+                result = self._run(run, callback, bounds, constraints, tol)
+                self.results.append(result)
+                if result.status in _CHAIN_ENDING_STATUSES:
+                    break
+        return self.get_weights()
+
+    def _rebind_if_trainables_changed(self):
+        if [id(v) for v in self.model.trainable_variables] != [
+            id(v) for v in self._objective.variables
+        ]:
+            self._bind(self.model, self._objective.data)
+
+    def _run(self, run, callback, bounds, constraints, tol):
+        """Runs one solver from the current weights; returns its result."""
         x0 = self.get_weights()
-        self._check_start(x0)
-        tracker = _IterationTracker(x0, epochs, callback, run["method"])
-        self._assigned = None  # pretrain_fn or the user may have set weights
-        dense = run["method"] in _DENSE_MATRICES
+        state = _RunState(self, run, callback, x0)
+        arguments = self._scipy_arguments(run, state, bounds, constraints, tol)
         try:
-            with contextlib.nullcontext() if dense else _one_blas_thread():
+            with _solver_blas_threads(run.method):
                 result = scipy.optimize.minimize(
-                    x0=x0, callback=tracker.scipy_callback, **run
+                    x0=x0, callback=state.on_iteration, **arguments
                 )
-        except _StopSolver as stop:
-            result = tracker.result(self, stop.status, stop.message)
-        except FloatingPointError as error:
-            message = f"Stopped: {error} The last finite iterate is kept."
-            _warn(message)
-            result = tracker.result(self, _STATUS_NOT_FINITE, message)
-        except KeyboardInterrupt:
-            result = tracker.result(
-                self,
-                _STATUS_INTERRUPTED,
-                "Interrupted by KeyboardInterrupt; the last accepted iterate is kept.",
-            )
+        except _StopRun as stop:
+            result = state.result(stop.status, stop.message)
         except BaseException:
-            self.set_weights(tracker.last_x)
+            self.set_weights(state.x)
             raise
         else:
-            tracker.log_final(result.x)  # the callback sets these weights itself
-            _note_float32_stall(result, self.variables)
+            state.report_final(result.x)
+            _explain_float32_stall(result, state.losses, self._objective.variables)
         self.set_weights(result.x)
-        self.results.append(result)
         return result
 
-    def _plan(self, epochs, method, options, bounds, constraints, tol):
-        """Checks the arguments and returns the `scipy.optimize.minimize` kwargs."""
-        if not isinstance(epochs, (int, np.integer)) or epochs <= 0:
-            raise ValueError(
-                "`epochs` (the iteration budget) must be a positive integer. "
-                f"Received: epochs={epochs!r}"
-            )
-        method = _canonical_method(method if method is not None else self.method)
-        options = dict(
-            _check_options(options if options is not None else self.options) or {}
-        )
-        name = method if isinstance(method, str) else "custom"
-        if name not in _NO_MAXITER + _MAXITER_COUNTS_EVALS:
-            options["maxiter"] = min(int(options.get("maxiter", epochs)), epochs)
-        n = self._objective.size
-        _check_dense_size(name, n, self.max_dense_params)
-        run = {
-            "method": method,
-            "options": options,
-            "tol": tol if tol is not None else self.tol,
+    def _scipy_arguments(self, run, state, bounds, constraints, tol):
+        """Returns the `scipy.optimize.minimize` keyword arguments of a run."""
+        name = _method_name(run.method)
+        arguments = {
+            "method": run.method,
+            "options": run.options,
+            "tol": tol,
+            "bounds": _resolve_bounds(bounds, self._objective.variables, name),
         }
-        run["bounds"] = _resolve_bounds(
-            bounds if bounds is not None else self.bounds, self.variables, name
-        )
-        constraints = constraints if constraints is not None else self.constraints
         if constraints:
-            if name not in _CONSTRAINT_METHODS + ("custom",):
-                raise ValueError(
-                    f"Method {name!r} ignores `constraints`; use one of "
-                    f"{', '.join(_CONSTRAINT_METHODS)}. Received: "
-                    f"constraints={constraints!r}"
-                )
-            run["constraints"] = constraints
+            arguments["constraints"] = constraints
         if name in _DERIVATIVE_FREE:
-            run["fun"] = self.func
+            arguments["fun"] = state.loss
         else:
-            run["fun"], run["jac"] = self.func_and_grad, True
+            arguments["fun"], arguments["jac"] = state.loss_and_gradient, True
         if name in _HESSP_METHODS + ("custom",):
-            run["hessp"] = self.hessp
+            arguments["hessp"] = state.hessp
         if name in _HESS_METHODS:
-            run["hess"] = self.hess
-        return run
-
-    def _check_start(self, x0):
-        try:
-            self.func_and_grad(x0)
-        except FloatingPointError as error:
-            raise ValueError(
-                f"{error} The solver cannot start from non-finite values: "
-                "check the data for NaN/Inf and the initial weights."
-            ) from None
+            arguments["hess"] = self.hess
+        return arguments
 
     def get_config(self):
-        """Returns the constructor arguments except `bounds` and `constraints`.
+        """Returns the constructor arguments except `bounds`, `constraints`
+        and `pretrain_fn`.
 
         A custom minimizer (a callable `method`) is saved by its registered
         Keras name: decorate it with `keras.saving.register_keras_serializable()`
@@ -1505,6 +1763,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
         config.update(
             {
                 "method": method,
+                "epochs": self.epochs,
                 "options": self.options,
                 "tol": self.tol,
                 "max_dense_params": self.max_dense_params,
@@ -1531,103 +1790,216 @@ class ScipyBatchOptimizer(BatchOptimizer):
         return cls(**config)
 
 
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Runs the block with numpy's and scipy's OpenBLAS on one thread.
+_CHAIN_ENDING_STATUSES = (_STATUS_STOPPED, _STATUS_INTERRUPTED, _STATUS_NOT_FINITE)
 
-    The solver's own vector arithmetic is small; a second BLAS thread only
-    competes with TensorFlow for the cores (measured: L-BFGS-B's step on
-    51,670 weights took 99 ms with 2 BLAS threads, 3.5 ms with 1). The
-    setting is thread-local and restored afterwards.
+
+class _StopRun(Exception):
+    """Ends a solver run at its last iterate (the one stop path of kormos).
+
+    scipy ends a run cleanly when its callback raises StopIteration, except
+    TNC (scipy/optimize/_tnc.py passes the callback on unwrapped), and it
+    cannot be stopped from inside an evaluation at all; so kormos raises its
+    own exception from both and builds the result itself.
     """
-    previous = [(setter, setter(1)) for setter in _openblas_thread_setters()]
-    try:
-        yield
-    finally:
-        for setter, threads in previous:
-            setter(threads)
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
-@functools.cache
-def _openblas_thread_setters():
-    """Returns `openblas_set_num_threads_local` of numpy's and scipy's OpenBLAS.
+class _Run:
+    """One solver run of a chain: method, iteration budget, options, pretrain_fn."""
 
-    pip wheels of numpy and scipy bundle OpenBLAS in `<package>.libs/`; where
-    there is none (e.g. Accelerate on macOS) the list is empty.
+    def __init__(self, method, budget, options, pretrain_fn):
+        self.method = method
+        self.budget = budget
+        self.options = options
+        self.pretrain_fn = pretrain_fn
+
+
+def _plan_runs(method, epochs, options, pretrain_fn, warn=False):
+    """Checks the solver arguments and returns a list of `_Run`s.
+
+    `method`, `epochs`, `options` and `pretrain_fn` may each be a list (one
+    entry per chained run, all lists of one length) or a single value used
+    for every run. Each run's budget is `epochs`, else `options["maxiter"]`,
+    else 20; `options["maxiter"]` is set to it (except for the methods
+    kormos counts itself).
     """
-    setters = []
-    for package in (np, scipy):
-        libs = Path(package.__file__).parent.parent / f"{package.__name__}.libs"
-        for path in sorted(libs.glob("*openblas*")):
-            try:
-                setter = ctypes.CDLL(str(path)).openblas_set_num_threads_local
-            except (OSError, AttributeError):
-                continue
-            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-            setters.append(setter)
-    return tuple(setters)
+    lists = {
+        name: value
+        for name, value in (
+            ("method", method),
+            ("epochs", epochs),
+            ("options", options),
+            ("pretrain_fn", pretrain_fn),
+        )
+        if isinstance(value, (list, tuple))
+    }
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) > 1:
+        detail = ", ".join(f"{k} has {len(v)}" for k, v in lists.items())
+        raise ValueError(
+            "To chain solvers, `method`, `epochs`, `options` and "
+            f"`pretrain_fn` lists must have the same length. Received: {detail}"
+        )
+    count = lengths.pop() if lengths else 1
+    if count == 0:
+        raise ValueError("The solver chain is empty: pass at least one method.")
+
+    def nth(value, i):
+        return value[i] if isinstance(value, (list, tuple)) else value
+
+    runs = []
+    for i in range(count):
+        run_method = _canonical_method(nth(method, i))
+        run_options = nth(options, i)
+        if run_options is not None and not isinstance(run_options, dict):
+            raise TypeError(
+                "`options` must be a dict of solver options (see "
+                "scipy.optimize.show_options('minimize', method)), or a list "
+                f"of dicts (one per chained solver). Received: options={options!r}"
+            )
+        run_options = dict(run_options or {})
+        budget = _iteration_budget(nth(epochs, i), run_options, run_method, warn)
+        if _method_name(run_method) not in _COUNTED_BY_KORMOS:
+            run_options["maxiter"] = budget
+        runs.append(_Run(run_method, budget, run_options, nth(pretrain_fn, i)))
+    return runs
 
 
-class _IterationTracker:
-    """Follows the solver's iterations: keeps the last one, calls back, stops."""
+def _iteration_budget(epochs, options, method, warn):
+    """Returns a run's iteration budget: `epochs`, else `maxiter`, else 20."""
+    maxiter = options.get("maxiter")
+    counts_iterations = _method_name(method) not in _COUNTED_BY_KORMOS
+    if epochs is None:
+        return int(maxiter) if maxiter is not None and counts_iterations else (
+            _DEFAULT_EPOCHS
+        )
+    if not isinstance(epochs, (int, np.integer)) or isinstance(epochs, bool) or (
+        epochs <= 0
+    ):
+        raise ValueError(
+            "`epochs` (the iteration budget) must be a positive integer. "
+            f"Received: epochs={epochs!r}"
+        )
+    if warn and counts_iterations and maxiter is not None and maxiter != epochs:
+        _warn(
+            f"options['maxiter']={maxiter} and epochs={epochs} both set the "
+            f"iteration budget; epochs wins, so the solver runs at most {epochs} "
+            "iterations. Leave epochs unset to use maxiter."
+        )
+    return int(epochs)
 
-    def __init__(self, x0, epochs, callback, method):
-        self.last_x = np.array(x0, copy=True)
-        self.nit = 0
-        self.epochs = epochs
+
+class _RunState:
+    """The scipy-facing callables of one run, and what they have seen.
+
+    It keeps the last accepted iterate (the last one passed to the user's
+    callback), counts iterations and raises `_StopRun` to end the run.
+    """
+
+    def __init__(self, optimizer, run, callback, x0):
+        self.optimizer = optimizer
+        self.run = run
         self.callback = callback
-        self.counts_itself = not isinstance(method, str) or (
-            method in _NO_MAXITER + _MAXITER_COUNTS_EVALS
+        self.x0 = x0
+        self.x = x0  # the last accepted iterate
+        self.nit = 0
+        self.losses = []  # the losses of the last two accepted iterates
+        self.evals_before = (optimizer.fg_evals, optimizer.hessp_evals)
+        self.counts_itself = _method_name(run.method) in _COUNTED_BY_KORMOS + (
+            "custom",
         )
 
-    def scipy_callback(self, intermediate_result):
+    def loss_and_gradient(self, x):
+        self._stop_if_interrupted()
+        try:
+            return self.optimizer.func_and_grad(x)
+        except FloatingPointError as error:
+            if self.nit == 0 and np.array_equal(x, self.x0):
+                raise ValueError(
+                    f"{error} The solver cannot start from non-finite values: "
+                    "check the data for NaN/Inf and the initial weights."
+                ) from None
+            message = f"Stopped: {error} The last finite iterate is kept."
+            _warn(message)
+            raise _StopRun(_STATUS_NOT_FINITE, message) from None
+
+    def loss(self, x):
+        return self.loss_and_gradient(x)[0]
+
+    def hessp(self, x, v):
+        self._stop_if_interrupted()
+        return self.optimizer.hessp(x, v)
+
+    def on_iteration(self, intermediate_result):
         # Most methods pass an OptimizeResult, TNC passes x. L-BFGS-B and
         # Newton-CG reuse one buffer for x, hence the copy.
         x = getattr(intermediate_result, "x", intermediate_result)
-        self.last_x = np.array(x, dtype=np.float64, copy=True)
-        self.nit += 1
-        if self.callback is not None and self.callback(self.last_x):
-            raise _StopSolver(
+        self._accept(np.array(x, dtype=np.float64))
+        if self.callback is not None and self.callback(self.x):
+            raise _StopRun(
                 _STATUS_STOPPED, "Stopped by a callback (model.stop_training)."
             )
-        if self.counts_itself and self.nit >= self.epochs:
-            raise _StopSolver(
+        self._stop_if_interrupted()
+        if self.counts_itself and self.nit >= self.run.budget:
+            raise _StopRun(
                 _STATUS_BUDGET_USED, "Stopped: the iteration budget (epochs) is used."
             )
 
-    def log_final(self, x):
-        """Reports the solver's answer if no iteration reported it yet."""
-        if self.callback is not None and (
-            self.nit == 0 or not np.array_equal(x, self.last_x)
-        ):
-            self.last_x = np.array(x, copy=True)
-            self.callback(self.last_x)
+    def _accept(self, x):
+        self.x = x
+        self.nit += 1
+        self.optimizer.iterations += 1
+        cached = self.optimizer._cached(x)
+        if cached is not None:
+            self.losses = self.losses[-1:] + [cached[0]]
 
-    def result(self, optimizer, status, message):
-        """Builds the result of a run that ended early, at the last iterate."""
-        x = self.last_x
-        f, g = optimizer._cached_fg(x)
+    def _stop_if_interrupted(self):
+        if _INTERRUPTS.requested:
+            raise _StopRun(
+                _STATUS_INTERRUPTED,
+                "Interrupted by Ctrl-C; the last iterate is kept.",
+            )
+
+    def report_final(self, x):
+        """Passes the solver's answer to the callback if it is a new point."""
+        if self.callback is not None and not np.array_equal(x, self.x):
+            self.x = np.array(x, dtype=np.float64)
+            self.callback(self.x)
+
+    def result(self, status, message):
+        """Builds the result of a run that kormos ended, at the last iterate."""
+        cached = self.optimizer._cached(self.x)
+        fg_evals, hessp_evals = self.evals_before
         return scipy.optimize.OptimizeResult(
-            x=x,
-            fun=f,
-            jac=g,
+            x=self.x,
+            fun=cached[0] if cached else float("nan"),
+            jac=cached[1] if cached else None,
             nit=self.nit,
-            nfev=optimizer.fg_evals,
-            nhev=optimizer.hessp_evals,
+            nfev=self.optimizer.fg_evals - fg_evals,
+            nhev=self.optimizer.hessp_evals - hessp_evals,
             status=status,
             success=False,
             message=message,
         )
 
 
-def _check_options(options):
-    if options is not None and not isinstance(options, dict):
-        raise TypeError(
-            "`options` must be a dict of solver options (see "
-            "scipy.optimize.show_options('minimize', method)) or None. "
-            f"Received: options={options!r}"
+def _check_solver_arguments(method, bounds, constraints):
+    name = _method_name(method)
+    if bounds is not None and name not in _BOUNDS_METHODS + ("custom",):
+        raise ValueError(
+            f"Method {name!r} ignores `bounds`; use one of "
+            f"{', '.join(_BOUNDS_METHODS)}. Received: bounds={bounds!r}"
         )
-    return options
+    if constraints and name not in _CONSTRAINT_METHODS + ("custom",):
+        raise ValueError(
+            f"Method {name!r} ignores `constraints`; use one of "
+            f"{', '.join(_CONSTRAINT_METHODS)}. Received: "
+            f"constraints={constraints!r}"
+        )
 
 
 def _check_dense_size(method, n, limit):
@@ -1642,19 +2014,42 @@ def _check_dense_size(method, n, limit):
     )
 
 
-def _note_float32_stall(result, variables):
-    """Warns when a float32 model stopped because its loss cannot resolve more."""
-    if result.success or not any(
-        keras.backend.standardize_dtype(v.dtype) in ("float16", "bfloat16", "float32")
-        for v in variables
-    ):
+def _solver_blas_threads(method):
+    """Limits numpy's and scipy's BLAS to one thread while a solver runs.
+
+    A limited-memory solver's vector arithmetic is small, and a second BLAS
+    thread only competes with TensorFlow for the cores (the BLAS line of
+    benchmarks/bench.py times L-BFGS-B's step with 1 and with all threads).
+    Methods with dense n x n matrices keep every thread. Uses threadpoolctl
+    where it is installed (it comes with scikit-learn), else does nothing.
+    """
+    if method in _DENSE_MATRICES or _threadpoolctl is None:
+        return contextlib.nullcontext()
+    return _threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+try:
+    import threadpoolctl as _threadpoolctl
+except ImportError:  # optional
+    _threadpoolctl = None
+
+
+def _explain_float32_stall(result, losses, variables):
+    """Says so when a float32 model stopped because its loss cannot resolve
+    smaller steps: L-BFGS-B's relative-reduction test passed on two equal
+    float32 losses, or a line search failed."""
+    if not any(_dtype_name(v) in ("float16", "bfloat16", "float32") for v in variables):
         return
     message = str(result.message).lower()
-    if any(s in message for s in ("abnormal", "precision loss", "line search")):
+    failures = ("abnormal", "precision loss", "line search", "linesearch")
+    failed = not result.success and any(s in message for s in failures)
+    resolution = np.finfo(np.float32).eps * max(map(abs, losses), default=0.0)
+    flat = len(losses) == 2 and abs(losses[0] - losses[1]) <= resolution
+    if failed or ("relative reduction" in message and flat):
         result.message = (
             f"{result.message} The model computes in float32, whose loss "
-            "cannot resolve smaller steps; call "
-            "keras.config.set_floatx('float64') and "
+            "cannot resolve smaller steps, so this is a float32 stall rather "
+            "than convergence; call keras.config.set_floatx('float64') and "
             "keras.config.set_dtype_policy('float64') before building the model."
         )
         _warn(result.message)
@@ -1675,11 +2070,6 @@ def _resolve_bounds(bounds, variables, method):
     lower, upper = _constraint_bounds(variables)
     from_model = bool(np.isfinite(lower).any())
     if bounds is not None:
-        if not takes_bounds:
-            raise ValueError(
-                f"Method {method!r} ignores `bounds`; use one of "
-                f"{', '.join(_BOUNDS_METHODS)}. Received: bounds={bounds!r}"
-            )
         user_lower, user_upper = _user_bounds(bounds, variables)
         lower, upper = np.maximum(lower, user_lower), np.minimum(upper, user_upper)
     elif from_model and not takes_bounds:
@@ -1701,11 +2091,11 @@ def _resolve_bounds(bounds, variables, method):
 
 def _constraint_bounds(variables):
     """Returns the (lower, upper) boxes of the variables' Keras constraints."""
-    n = _flat_size(variables)
-    lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
+    lower, upper = np.full(sum(_sizes(variables)), -np.inf), np.full(
+        sum(_sizes(variables)), np.inf
+    )
     offset = 0
-    for v in variables:
-        size = int(np.prod(v.shape))
+    for v, size in zip(variables, _sizes(variables)):
         constraint = getattr(v, "constraint", None)
         if isinstance(constraint, keras.constraints.NonNeg):
             lower[offset : offset + size] = 0.0
@@ -1721,7 +2111,7 @@ def _constraint_bounds(variables):
 
 def _user_bounds(bounds, variables):
     """Converts the user's `bounds` to (lower, upper) flat arrays."""
-    n = _flat_size(variables)
+    n = sum(_sizes(variables))
     if isinstance(bounds, scipy.optimize.Bounds):
         return (
             np.broadcast_to(np.asarray(bounds.lb, float), (n,)).copy(),
@@ -1741,9 +2131,9 @@ def _user_bounds(bounds, variables):
 
 
 def _bounds_by_path(bounds, variables):
-    n = _flat_size(variables)
+    n = sum(_sizes(variables))
     lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
-    offsets = np.cumsum([0] + [int(np.prod(v.shape)) for v in variables])
+    offsets = np.cumsum([0] + _sizes(variables))
     for key, (lo, hi) in bounds.items():
         i = _variable_index(key, variables)
         shape = tuple(variables[i].shape)
@@ -1797,122 +2187,140 @@ def get(identifier):
     Raises:
         ValueError: If `identifier` names no batch optimizer.
     """
+    optimizer = _as_batch_optimizer(identifier)
+    if optimizer is None:
+        raise ValueError(
+            "Could not interpret the batch optimizer identifier. Use 'scipy', a "
+            f"scipy.optimize.minimize method name ({', '.join(METHODS)}) or a "
+            f"kormos.BatchOptimizer. Received: identifier={identifier!r}"
+        )
+    return optimizer
+
+
+def _as_batch_optimizer(identifier):
+    """Returns the `BatchOptimizer` that `identifier` names, or None."""
     if isinstance(identifier, BatchOptimizer):
         return identifier
-    if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
     if isinstance(identifier, str):
-        if identifier.lower() == "scipy":
+        name = identifier.lower()
+        if name == "scipy":
             return ScipyBatchOptimizer()
-        if identifier.lower() in METHODS:
-            return ScipyBatchOptimizer(method=identifier)
-    raise ValueError(
-        "Could not interpret the batch optimizer identifier. Use 'scipy', a "
-        f"scipy.optimize.minimize method name ({', '.join(METHODS)}) or a "
-        f"kormos.BatchOptimizer. Received: identifier={identifier!r}"
-    )
-
-
-def _is_batch_identifier(identifier):
-    if isinstance(identifier, BatchOptimizer):
-        return True
-    return isinstance(identifier, str) and (
-        identifier.lower() == "scipy" or identifier.lower() in METHODS
-    )
+        if name in METHODS:
+            return ScipyBatchOptimizer(name=name, method=name)
+    if isinstance(identifier, dict) and identifier.get("module") == __name__:
+        return keras.saving.deserialize_keras_object(identifier)
+    return None
 
 
 ###############################################################################
-# Progress and callbacks ######################################################
+# The full-batch fit loop #####################################################
 ###############################################################################
 
 
-class _SolverProgbar(keras.callbacks.Callback):
-    """One live `keras.utils.Progbar` over the solver's iteration budget."""
+class _FitLoop:
+    """One `fit()` of a model compiled with a batch optimizer.
 
-    def __init__(self, epochs):
-        super().__init__()
-        self.epochs = epochs
-        self._bar = None
-        self._logs = {}
-
-    def on_train_begin(self, logs=None):
-        self._bar = keras.utils.Progbar(self.epochs, unit_name="iteration")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._logs = dict(logs or {})
-        self._bar.stateful_metrics.update(self._logs)
-        self._bar.update(epoch + 1, list(self._logs.items()))
-
-    def on_train_end(self, logs=None):
-        seen = self._bar._seen_so_far if self._bar else 0
-        if self._bar is not None and seen < self.epochs:
-            # The solver converged early: close the bar where it stopped.
-            self._bar.target = max(seen, 1)
-            self._bar.update(self._bar.target, list(self._logs.items()), finalize=True)
-
-
-class _SolverLogger(keras.callbacks.Callback):
-    """`verbose=2`: one line per iteration, timed from the previous one.
-
-    Keras' `ProgbarLogger` times from `on_epoch_begin`, which kormos can only
-    call once the iteration's work is done, so it would show next to 0 s.
+    It is Keras' own fit loop (keras/src/backend/tensorflow/trainer.py) with
+    one solver iteration as one epoch. scipy drives the iterations, so the
+    loop body, `end_iteration`, is the solver's callback; stopping, the
+    epoch that `BackupAndRestore` resumes from, Ctrl-C and exceptions are
+    handled in `run`. Whenever `fit()` returns or raises, the model holds
+    the weights of the last History row (or the starting weights).
     """
 
-    def __init__(self, epochs):
-        super().__init__()
-        self.epochs = epochs
-        self._last = None
+    def __init__(self, model, callbacks, history, validation, validation_freq):
+        self.model = model
+        self.optimizer = model.optimizer
+        self.callbacks = callbacks
+        self.history = history
+        self.validation = validation
+        self.validation_freq = validation_freq
+        self.epoch = 0
+        self.logs = None
+        # The weights after each of the last two History rows, by row count.
+        self.row_weights = {}
 
-    def on_train_begin(self, logs=None):
-        self._last = time.perf_counter()
+    def run(self, runs, initial_epoch, **solver_kwargs):
+        model, optimizer = self.model, self.optimizer
+        model.stop_training = False
+        self.callbacks.on_train_begin()
+        self.epoch = _resumed_epoch(model, initial_epoch)
+        runs = _skip_iterations(runs, self.epoch - initial_epoch)
+        self.row_weights = {0: optimizer.get_weights()}
+        try:
+            if runs and not _INTERRUPTS.requested:
+                optimizer.minimize(
+                    epochs=[run.budget for run in runs],
+                    callback=self.end_iteration,
+                    pretrain_fn=[run.pretrain_fn for run in runs],
+                    method=[run.method for run in runs],
+                    options=[run.options for run in runs],
+                    **solver_kwargs,
+                )
+        finally:
+            rows = len(self.history.epoch)
+            if rows in self.row_weights:
+                optimizer.set_weights(self.row_weights[rows])
+        self.callbacks.on_train_end(logs=self.logs)
+        return self.history
 
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        took = f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1e3:.0f}ms"
-        values = "".join(f" - {k}: {_format_log(v)}" for k, v in (logs or {}).items())
-        print(f"Iteration {epoch + 1}/{self.epochs} - {took}{values}", flush=True)
+    def end_iteration(self, x):
+        """Logs one solver iteration as one epoch; returns True to stop."""
+        model, optimizer, epoch = self.model, self.optimizer, self.epoch
+        optimizer.set_weights(x)  # callbacks see the model at this iterate
+        loss, gradient = optimizer.func_and_grad(x)
+        logs = {
+            "loss": loss,
+            "grad": float(np.linalg.norm(gradient)),
+            "fg_evals": optimizer.fg_evals,
+            "hessp_evals": optimizer.hessp_evals,
+            **optimizer.metrics_at(x),
+        }
+        self.callbacks.on_epoch_begin(epoch)
+        self.callbacks.on_train_batch_begin(0)
+        self.callbacks.on_train_batch_end(0, dict(logs))
+        if self.validation is not None and _should_validate(
+            epoch, self.validation_freq
+        ):
+            logs.update(self._validate())
+        rows = len(self.history.epoch)
+        self.row_weights = {rows: self.row_weights[rows], rows + 1: x}
+        self.callbacks.on_epoch_end(epoch, logs)
+        self.logs = logs
+        self.epoch += 1
+        return bool(model.stop_training)
+
+    def _validate(self):
+        results = self.model.evaluate(
+            **self.validation.evaluate_arguments(),
+            callbacks=self.callbacks,
+            verbose=0,
+            return_dict=True,
+        )
+        return {f"val_{k}": float(v) for k, v in results.items()}
 
 
-def _format_log(value):
-    """Formats a log value as Keras' progress bar does."""
-    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+def _resumed_epoch(model, initial_epoch):
+    """Returns the epoch to start from, after `on_train_begin`.
+
+    `BackupAndRestore` passes the epoch it restored to the fit loop through
+    the private `model._initial_epoch`, which Keras' own `fit()` reads the
+    same way (keras/src/backend/tensorflow/trainer.py).
+    """
+    return getattr(model, "_initial_epoch", None) or initial_epoch
 
 
-# Callbacks that act on a learning rate, which a full-batch solver has not.
-_LEARNING_RATE_CALLBACKS = (
-    keras.callbacks.ReduceLROnPlateau,
-    keras.callbacks.LearningRateScheduler,
-)
-
-
-def _make_callbacks(model, callbacks, verbose, epochs):
-    """Returns the `CallbackList` of one batch fit, with a fresh History."""
-    kept = []
-    for callback in callbacks or []:
-        if isinstance(callback, _LEARNING_RATE_CALLBACKS):
-            _warn(
-                f"{type(callback).__name__} adjusts a learning rate, which "
-                "full-batch solvers do not have; it is ignored.",
-            )
+def _skip_iterations(runs, done):
+    """Returns `runs` without their first `done` iterations (for a resume)."""
+    remaining = []
+    for run in runs:
+        if done >= run.budget:
+            done -= run.budget
             continue
-        kept.append(callback)
-    # History first: an iteration that a later callback interrupts is logged.
-    history = keras.callbacks.History()
-    kept.insert(0, history)
-    if verbose == 1:
-        kept.append(_SolverProgbar(epochs))
-    elif verbose == 2:
-        kept.append(_SolverLogger(epochs))
-    callback_list = keras.callbacks.CallbackList(
-        kept,
-        add_progbar=False,
-        model=model,
-        verbose=verbose,
-        epochs=epochs,
-        steps=1,
-    )
-    return callback_list, history
+        remaining.append(_Run(run.method, run.budget - done, run.options, None))
+        remaining[-1].pretrain_fn = run.pretrain_fn
+        done = 0
+    return remaining
 
 
 def _should_validate(epoch, validation_freq):
@@ -1927,12 +2335,111 @@ def _should_validate(epoch, validation_freq):
     )
 
 
+def _aligned(model, data):
+    """Returns validation `data` with targets aligned to the model's outputs."""
+    x, y, _ = data.first_batch()
+    if y is None:
+        return data
+    y_pred = model(x, training=False)
+    if data.tensors is not None:
+        dx, dy, dsw = data.tensors
+        return _Data((dx, _align_targets(dy, y_pred), dsw), data.batch_size)
+    return _Data(
+        dataset=data.dataset.map(lambda a, b, c: (a, _align_targets(b, y_pred), c))
+    )
+
+
+# Callbacks that act on a learning rate or on an optimizer's moving averages,
+# which full-batch solvers do not have.
+_IGNORED_CALLBACKS = (
+    keras.callbacks.ReduceLROnPlateau,
+    keras.callbacks.LearningRateScheduler,
+    keras.callbacks.SwapEMAWeights,
+)
+
+
+def _make_callbacks(model, callbacks, verbose, epochs):
+    """Returns the `CallbackList` of one full-batch fit and its fresh History."""
+    kept = []
+    for callback in callbacks or []:
+        if isinstance(callback, _IGNORED_CALLBACKS):
+            _warn(
+                f"{type(callback).__name__} acts on a learning rate or on "
+                "moving averages of the weights, which full-batch solvers do "
+                "not have; it is ignored."
+            )
+            continue
+        kept.append(callback)
+    # History first: an iteration that a later callback interrupts is logged.
+    history = keras.callbacks.History()
+    kept.insert(0, history)
+    if verbose:
+        kept.append(_Progress(epochs, live=verbose == 1 and _live_display()))
+    callback_list = keras.callbacks.CallbackList(
+        kept, add_progbar=False, model=model, verbose=verbose, epochs=epochs, steps=1
+    )
+    return callback_list, history
+
+
+def _live_display():
+    """True where a redrawn progress bar reads well: a terminal or a notebook.
+
+    (Keras' `Progbar` redraws whenever `"posix" in sys.modules`, that is on
+    every Linux and macOS, writing backspaces into files and pipes.)
+    """
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
+class _Progress(keras.callbacks.Callback):
+    """Shows a full-batch fit: one live bar, or one plain line per iteration.
+
+    `live`: a `keras.utils.Progbar` over the iteration budget (verbose=1 in
+    a terminal or notebook). Otherwise (verbose=2, or output to a file or
+    pipe) each iteration prints one line with its wall time and logs.
+    """
+
+    def __init__(self, epochs, live):
+        super().__init__()
+        self.epochs = epochs
+        self.live = live
+        self._bar = None
+        self._seen = 0
+        self._logs = {}
+        self._last = None
+
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
+        if self.live:
+            self._bar = keras.utils.Progbar(self.epochs, unit_name="iteration")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._logs, self._seen = dict(logs or {}), epoch + 1
+        if self._bar is not None:
+            self._bar.stateful_metrics.update(self._logs)  # shown as they are
+            self._bar.update(self._seen, list(self._logs.items()))
+            return
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        took = f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1e3:.0f}ms"
+        values = "".join(f" - {k}: {_format_log(v)}" for k, v in self._logs.items())
+        print(f"Iteration {self._seen}/{self.epochs} - {took}{values}", flush=True)
+
+    def on_train_end(self, logs=None):
+        if self._bar is not None and self._seen < self.epochs:
+            # The solver stopped early: close the bar where it stopped.
+            self._bar.target = max(self._seen, 1)
+            self._bar.update(self._bar.target, list(self._logs.items()), finalize=True)
+
+
+def _format_log(value):
+    """Formats a log value as Keras' progress bar does."""
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+
+
 ###############################################################################
 # Models ######################################################################
 ###############################################################################
-
-
-_COMPILE_IDS = itertools.count()
 
 
 class _BatchOptimizedMixin:
@@ -1961,85 +2468,39 @@ class _BatchOptimizedMixin:
             **kwargs: Every other argument of `keras.Model.compile` (`loss`,
                 `metrics`, `loss_weights`, `jit_compile`, ...). With a batch
                 optimizer, `jit_compile="auto"` (the default) also compiles
-                models with an `Embedding` layer with XLA on CPUs, and may
-                run float64 Hessian-vector products with XLA where one
-                measurement finds it faster; `True` or `False` decide alone.
+                models with an `Embedding` layer with XLA on CPUs; `True` or
+                `False` decide alone.
 
         Raises:
             ValueError: If `optimizer` names neither a batch optimizer nor a
                 Keras optimizer.
         """
-        if not _is_batch_identifier(optimizer):
+        batch_optimizer = _as_batch_optimizer(optimizer)
+        if batch_optimizer is None:
             if isinstance(optimizer, str):
                 _check_keras_optimizer_name(optimizer)
             return super().compile(optimizer=optimizer, **kwargs)
-        batch_optimizer = get(optimizer)
-        super().compile(optimizer="sgd", **kwargs)
+        super().compile(optimizer="sgd", **kwargs)  # Keras needs one; replaced
+        batch_optimizer.jit_compile = kwargs.get("jit_compile", "auto")
         self.optimizer = batch_optimizer
-        # Keras resolves "auto" at once; kormos' own "auto" needs the request.
-        self._kormos_jit_compile = kwargs.get("jit_compile", "auto")
-        self._kormos_compile_id = next(_COMPILE_IDS)
 
-    def fit(self, *args, **kwargs):
-        """Trains the model: full-batch if compiled with a batch optimizer.
+    @property
+    def fit(self):
+        """`fit_batch` if compiled with a batch optimizer, else `keras.Model.fit`.
 
-        Compiled with a Keras optimizer, this is `keras.Model.fit`. Compiled
-        with a `BatchOptimizer`, the solver runs on ALL the training data.
-
-        The arguments shared with `keras.Model.fit` mean what they mean there,
-        with one solver iteration as one epoch; `shuffle` has no effect.
-
-        Example:
-
-        ```python
-        model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
-        history = model.fit(
-            x, y, epochs=100, validation_split=0.2,
-            callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")],
-        )
-        # Chain solvers: 50 L-BFGS-B iterations, then 10 of Newton-CG.
-        model.fit(x, y, method=["l-bfgs-b", "newton-cg"], epochs=[50, 10])
-        ```
-
-        Args:
-            batch_size: Rows per mini-batch of an evaluation. It only bounds
-                memory: the objective is always over all samples. `None` puts
-                all rows in one batch.
-            epochs: The iteration budget (scipy's `maxiter`), or a list of
-                budgets when `method` is a list. Defaults to `20`.
-            method, options, bounds, constraints, tol: Override the
-                optimizer's settings for this fit; see `ScipyBatchOptimizer`.
-                `method`, `epochs`, `options` and `pretrain_fn` may be lists
-                of equal length to chain solvers, each warm-started from the
-                last.
-            pretrain_fn: `fn(model)` called before the solver starts (for
-                example to freeze a layer), or a list of them for a chain.
-
-        Returns:
-            A `keras.callbacks.History` with one row per solver iteration:
-            `loss`, `grad` (gradient 2-norm), `fg_evals`, `hessp_evals`, the
-            compiled metrics on the training data and `val_*` entries.
-
-        Raises:
-            ValueError: If the model is not compiled, or for bad data or
-                solver arguments; raised before any weight changes.
-            TypeError: If `options` is neither a dict nor a list of dicts.
+        As in kormos 0.1, `model.fit` points to one of the two, so
+        `model.fit == model.fit_batch` tells which one a model uses.
         """
-        if not getattr(self, "compiled", False):
-            raise ValueError(
-                "You must call `compile()` before `fit()`, e.g. "
-                "`model.compile(loss='mse', optimizer='l-bfgs-b')`."
-            )
-        if isinstance(self.optimizer, BatchOptimizer):
-            return self._fit_batch(*args, **kwargs)
-        return super().fit(*args, **kwargs)
+        if isinstance(getattr(self, "optimizer", None), BatchOptimizer):
+            return self.fit_batch
+        return super().fit
 
-    def _fit_batch(
+    def fit_batch(
         self,
         x=None,
         y=None,
         batch_size=None,
-        epochs=20,
+        epochs=None,
         verbose="auto",
         callbacks=None,
         validation_split=0.0,
@@ -2059,45 +2520,134 @@ class _BatchOptimizedMixin:
         tol=None,
         pretrain_fn=None,
     ):
-        """Runs the full-batch fit; `fit()` documents the arguments."""
-        stages = _plan_stages(method, epochs, options, pretrain_fn, initial_epoch)
-        validation = None
-        if validation_split and validation_data is None:
-            (x, y, sample_weight), validation_data = _split_validation(
-                self, x, y, sample_weight, validation_split
-            )
-        data = _make_data(
-            self, x, y, sample_weight, batch_size, class_weight, steps_per_epoch
+        """Trains the model with its batch optimizer on ALL the training data.
+
+        `model.fit` is this method when the model is compiled with a batch
+        optimizer. The arguments shared with `keras.Model.fit` mean what they
+        mean there, with one solver iteration as one epoch; `shuffle` has no
+        effect (the loss is over all rows).
+
+        Example:
+
+        ```python
+        model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
+        history = model.fit(
+            x, y, epochs=100, validation_split=0.2,
+            callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")],
         )
-        if validation_data is not None:
-            validation = _make_validation(
+        # Chain solvers: 50 L-BFGS-B iterations, then 10 of Newton-CG.
+        model.fit(x, y, method=["l-bfgs-b", "newton-cg"], epochs=[50, 10])
+        ```
+
+        Args:
+            x: Inputs, in any form `keras.Model.fit` takes: arrays, tensors,
+                pandas objects, a list or dict of them, a `tf.data.Dataset`,
+                a `keras.utils.PyDataset` or a generator (with
+                `steps_per_epoch` if it is infinite). A finite dataset that
+                fits in the optimizer's `max_dataset_bytes` is read once into
+                memory; a larger one is streamed at every evaluation.
+            batch_size: Rows per mini-batch of an evaluation. It bounds
+                memory only: the loss is over all rows either way. Defaults
+                to the optimizer's `batch_size` (`None`: all rows at once).
+            epochs: The iteration budget (scipy's `maxiter`), or a list of
+                budgets when `method` is a list. Defaults to
+                `options["maxiter"]` if given, else 20.
+            method, options, bounds, constraints, tol: Override the
+                optimizer's settings for this fit; see `ScipyBatchOptimizer`.
+                `method`, `epochs`, `options` and `pretrain_fn` may be lists
+                of equal length to chain solvers, each warm-started from the
+                last.
+            pretrain_fn: `fn(model)` called before the solver starts (for
+                example to freeze a layer), or a list of them for a chain.
+
+        Returns:
+            A `keras.callbacks.History` with one row per solver iteration:
+            `loss`, `grad` (gradient 2-norm), `fg_evals`, `hessp_evals`, the
+            compiled metrics on the training data and `val_*` entries.
+
+        Raises:
+            ValueError: For bad data (an input type `keras.Model.fit` does
+                not take, too few rows, ...) or bad solver arguments; raised
+                before any weight changes.
+            TypeError: For `options` that are neither a dict nor a list of
+                dicts.
+        """
+        optimizer = self.optimizer if getattr(self, "compiled", False) else None
+        if not isinstance(optimizer, BatchOptimizer):
+            raise ValueError(
+                "`fit_batch()` needs a model compiled with a batch optimizer, "
+                "e.g. `model.compile(loss='mse', optimizer='l-bfgs-b')`."
+            )
+        with _INTERRUPTS.deferred():
+            runs = _plan_runs(
+                optimizer.method if method is None else method,
+                optimizer.epochs if epochs is None else epochs,
+                optimizer.options if options is None else options,
+                optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
+            ) if isinstance(optimizer, ScipyBatchOptimizer) else _plan_runs(
+                "l-bfgs-b", epochs, options, pretrain_fn
+            )
+            if len(runs) == 1 and not isinstance(epochs, (list, tuple)):
+                runs[0].budget -= initial_epoch
+                _check_positive_int(runs[0].budget, "epochs - initial_epoch")
+            if validation_split and validation_data is None:
+                (x, y, sample_weight), validation_data = _split_validation(
+                    x, y, sample_weight, validation_split
+                )
+            optimizer.build(
                 self,
-                validation_data,
-                validation_batch_size or batch_size,
-                validation_steps,
+                x,
+                y,
+                sample_weight,
+                batch_size=batch_size,
+                class_weight=class_weight,
+                steps=steps_per_epoch,
             )
-        verbose = 1 if verbose == "auto" else verbose
-        last_epoch = initial_epoch + sum(stage[1] for stage in stages)
-        callback_list, history = _make_callbacks(self, callbacks, verbose, last_epoch)
-        fitter = _BatchFit(self, data, validation, validation_freq, callback_list)
-        fitter.run(
-            stages, initial_epoch, bounds=bounds, constraints=constraints, tol=tol
-        )
-        return history
+            validation = None
+            if validation_data is not None:
+                validation = _aligned(
+                    self,
+                    _make_validation(
+                        self,
+                        validation_data,
+                        validation_batch_size or batch_size,
+                        validation_steps,
+                        optimizer.max_dataset_bytes,
+                    ),
+                )
+            verbose = 1 if verbose == "auto" else verbose
+            last_epoch = initial_epoch + sum(run.budget for run in runs)
+            callbacks, history = _make_callbacks(self, callbacks, verbose, last_epoch)
+            loop = _FitLoop(self, callbacks, history, validation, validation_freq)
+            return loop.run(
+                runs, initial_epoch, bounds=bounds, constraints=constraints, tol=tol
+            )
+
+    def train_on_batch(self, *args, **kwargs):
+        """`keras.Model.train_on_batch`; not for a batch optimizer (use `fit`)."""
+        if isinstance(getattr(self, "optimizer", None), BatchOptimizer):
+            raise RuntimeError(
+                "`train_on_batch()` takes one stochastic optimizer step, and a "
+                "full-batch solver has no such step. Call `fit(x, y, epochs=1)` "
+                "for one solver iteration on that data, or compile with a Keras "
+                "optimizer such as 'adam'."
+            )
+        return super().train_on_batch(*args, **kwargs)
 
     def get_compile_config(self):
         config = super().get_compile_config()
         if config is not None and isinstance(self.optimizer, BatchOptimizer):
             config["optimizer"] = keras.saving.serialize_keras_object(self.optimizer)
-            config["jit_compile"] = getattr(self, "_kormos_jit_compile", "auto")
+            config["jit_compile"] = self.optimizer.jit_compile
         return config
 
     def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        if _is_batch_identifier(config.get("optimizer")):
-            self.compile(**config)
-        else:
-            super().compile_from_config(keras.saving.serialize_keras_object(config))
+        # keras.Model.compile_from_config skips a custom compile(); this is
+        # what it does otherwise (keras/src/trainers/trainer.py): compile, then
+        # create the optimizer's variables so that loading can fill them.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if not isinstance(self.optimizer, BatchOptimizer) and self.built:
+            self.optimizer.build(self.trainable_variables)
 
 
 def _check_keras_optimizer_name(name):
@@ -2109,185 +2659,6 @@ def _check_keras_optimizer_name(name):
             f"'sgd', ...) or a batch solver: 'scipy' or one of "
             f"{', '.join(METHODS)}. Received: optimizer={name!r}"
         ) from None
-
-
-def _plan_stages(method, epochs, options, pretrain_fn, initial_epoch):
-    """Returns `[(method, budget, options, pretrain_fn), ...]`, one per solver."""
-    lists = {
-        name: value
-        for name, value in (
-            ("method", method),
-            ("epochs", epochs),
-            ("options", options),
-            ("pretrain_fn", pretrain_fn),
-        )
-        if isinstance(value, (list, tuple))
-    }
-    lengths = {len(v) for v in lists.values()}
-    if len(lengths) > 1:
-        detail = ", ".join(f"{k} has {len(v)}" for k, v in lists.items())
-        raise ValueError(
-            "To chain solvers, `method`, `epochs`, `options` and "
-            f"`pretrain_fn` lists must have the same length. Received: {detail}"
-        )
-    count = lengths.pop() if lengths else 1
-    if count == 0:
-        raise ValueError("The solver chain is empty: pass at least one method.")
-
-    def nth(value, i):
-        return value[i] if isinstance(value, (list, tuple)) else value
-
-    stages = []
-    for i in range(count):
-        budget = nth(epochs, i)
-        if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool):
-            raise ValueError(
-                f"`epochs` must be a positive integer. Received: epochs={epochs!r}"
-            )
-        if count == 1:
-            budget = budget - initial_epoch
-        if budget <= 0:
-            raise ValueError(
-                "`epochs` must be a positive integer (greater than "
-                f"`initial_epoch`). Received: epochs={epochs!r}, "
-                f"initial_epoch={initial_epoch}"
-            )
-        stage_method = nth(method, i)
-        if stage_method is not None:
-            _canonical_method(stage_method)
-        if not isinstance(nth(options, i), (dict, type(None))):
-            raise TypeError(
-                "`options` must be a dict of solver options, or a list of "
-                f"dicts (one per chained solver). Received: options={options!r}"
-            )
-        stages.append((stage_method, int(budget), nth(options, i), nth(pretrain_fn, i)))
-    return stages
-
-
-def _make_validation(model, validation_data, batch_size, steps):
-    """Returns validation data as `_Data`."""
-    if _is_dataset(validation_data):
-        return _make_data(
-            model,
-            validation_data,
-            None,
-            None,
-            None,
-            steps=steps,
-            argname="validation_data",
-        )
-    if (
-        not isinstance(validation_data, (tuple, list))
-        or not 2 <= len(validation_data) <= 3
-    ):
-        raise ValueError(
-            "`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, "
-            "val_sample_weight)` or a `tf.data.Dataset`. Received: "
-            f"validation_data of type {type(validation_data).__name__}"
-        )
-    vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
-    return _make_data(model, vx, vy, vsw, batch_size, argname="validation_data")
-
-
-class _BatchFit:
-    """One call of `fit()` on a batch-optimized model: stages, logs, callbacks."""
-
-    def __init__(self, model, data, validation, validation_freq, callbacks):
-        self.model = model
-        self.optimizer = model.optimizer
-        self.data = data
-        self.validation = validation
-        self.validation_freq = validation_freq
-        self.callbacks = callbacks
-        self.epoch = 0
-        self.logs = None
-        self._evals = (0, 0)
-
-    def run(self, stages, initial_epoch, **solver_kwargs):
-        model, optimizer = self.model, self.optimizer
-        self.epoch = initial_epoch
-        if self.validation is not None:
-            # evaluate() does not align targets the way the objective does.
-            self.validation = _aligned(model, self.validation)
-        optimizer._bind(model, self.data)
-        model.stop_training = False
-        self.callbacks.on_train_begin()
-        for method, budget, options, pretrain_fn in stages:
-            if pretrain_fn is not None:
-                pretrain_fn(model)
-                self._rebind_if_trainables_changed()
-            result = optimizer.minimize(
-                epochs=budget,
-                callback=self.on_iteration,
-                method=method,
-                options=options,
-                **solver_kwargs,
-            )
-            if model.stop_training or result.status == _STATUS_INTERRUPTED:
-                break
-        self.callbacks.on_train_end(logs=self.logs)
-
-    def _rebind_if_trainables_changed(self):
-        optimizer = self.optimizer
-        if [id(v) for v in self.model.trainable_variables] != [
-            id(v) for v in optimizer.variables
-        ]:
-            self._evals = (
-                self._evals[0] + optimizer.fg_evals,
-                self._evals[1] + optimizer.hessp_evals,
-            )
-            optimizer._bind(self.model, self.data)
-
-    def on_iteration(self, x):
-        """Logs one solver iteration as one epoch; returns True to stop."""
-        optimizer, epoch = self.optimizer, self.epoch
-        f, g = optimizer.func_and_grad(x)
-        logs = {
-            "loss": f,
-            "grad": float(np.linalg.norm(g)),
-            "fg_evals": self._evals[0] + optimizer.fg_evals,
-            "hessp_evals": self._evals[1] + optimizer.hessp_evals,
-        }
-        logs.update(optimizer.metrics_at(x))
-        # Usually the solver evaluated this iterate last: no assignment needed.
-        optimizer._ensure_weights(x)
-        if self.validation is not None and _should_validate(
-            epoch, self.validation_freq
-        ):
-            logs.update(self._validate())
-        self.callbacks.on_epoch_begin(epoch)
-        self.callbacks.on_epoch_end(epoch, logs)
-        optimizer._assigned = None  # a callback may have changed the weights
-        self.logs = logs
-        self.epoch += 1
-        return bool(self.model.stop_training)
-
-    def _validate(self):
-        x, y, sample_weight = self.validation.as_fit_inputs()
-        results = self.model.evaluate(
-            x=x,
-            y=y,
-            sample_weight=sample_weight,
-            batch_size=self.validation.batch_size if y is not None else None,
-            verbose=0,
-            return_dict=True,
-        )
-        return {f"val_{k}": float(v) for k, v in results.items()}
-
-
-def _aligned(model, data):
-    """Returns `data` with targets aligned to the model's output shapes."""
-    x, y, sw = data.first_batch()
-    if y is None:
-        return data
-    y_pred = model(x, training=False)
-    if data.tensors is not None:
-        dx, dy, dsw = data.tensors
-        return _Data(
-            (dx, _align_targets(dy, y_pred), dsw), None, data.batch_size, data.size
-        )
-    dataset = data.dataset.map(lambda a, b, c: (a, _align_targets(b, y_pred), c))
-    return _Data(dataset=dataset)
 
 
 @keras.saving.register_keras_serializable(package="kormos")
@@ -2322,8 +2693,18 @@ class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
         return super().__new__(cls, *args, **kwargs)
 
 
+# -- Functional construction ---------------------------------------------------
+# `keras.Model(inputs, outputs)` returns an instance of Keras' private
+# Functional class, and `class M(keras.Model)` called with `inputs, outputs`
+# becomes functional by having its base classes rewritten in place
+# (keras/src/models/model.py: `functional_init_arguments`,
+# `inject_functional_model_class`). That rewrite would break later
+# subclassing-API use of `BatchOptimizedModel` in the same process, so kormos
+# routes functional construction to a functional twin class instead.
+
+
 def _is_functional_call(args, kwargs):
-    """Keras' test for `Model(inputs, outputs)` (functional) construction."""
+    """Keras' `functional_init_arguments`: called with inputs and outputs?"""
     return (
         len(args) == 2
         or (len(args) == 1 and "outputs" in kwargs)
@@ -2347,13 +2728,7 @@ _Functional = _functional_class()
 
 @keras.saving.register_keras_serializable(package="kormos", name="BatchOptimizedModel")
 class _FunctionalBatchOptimizedModel(BatchOptimizedModel, _Functional):
-    """A functional `BatchOptimizedModel`.
-
-    Keras turns a `Model` subclass into a functional one by rewriting its base
-    classes in place, which would break later subclassing-API use of
-    `BatchOptimizedModel` in the same process. Routing functional construction
-    to this subclass keeps `BatchOptimizedModel` itself intact.
-    """
+    """A functional `BatchOptimizedModel` (see the comment above)."""
 
 
 _FunctionalBatchOptimizedModel.__name__ = "BatchOptimizedModel"
@@ -2361,7 +2736,11 @@ _FunctionalBatchOptimizedModel.__qualname__ = "BatchOptimizedModel"
 
 
 def _with_functional_base(cls):
-    """Returns `cls` with `BatchOptimizedModel` swapped for its functional twin."""
+    """Returns `cls` with `BatchOptimizedModel` swapped for its functional twin.
+
+    For a user's subclass, this rewrites its bases in place, as Keras'
+    `inject_functional_model_class` does for every `keras.Model` subclass.
+    """
     if cls is BatchOptimizedModel:
         return _FunctionalBatchOptimizedModel
     cls.__bases__ = tuple(
