@@ -44,9 +44,10 @@ import scipy.optimize
 import tensorflow as tf
 import keras
 
-if not keras.version().startswith("3."):
+if np.lib.NumpyVersion(keras.version()) < "3.12.0":
     raise ImportError(
-        f"kormos requires Keras 3 (TensorFlow >= 2.16). Found keras=={keras.version()}."
+        "kormos requires Keras >= 3.12 (it comes with TensorFlow >= 2.16; "
+        f"`pip install -U keras`). Found keras=={keras.version()}."
     )
 if keras.config.backend() != "tensorflow":
     raise ImportError(
@@ -1186,7 +1187,12 @@ class BatchOptimizer:
         self.hessp_evals = 0  # Hessian-vector-product passes, likewise
         self._jit_compile = "auto"
         self._objective = None
-        self._cache = []  # [(x, (loss, gradient, metrics))], newest last
+        self._cache = []  # [(x, (loss, gradient, metrics), finite)], newest last
+        # The cached point the weights hold since the last evaluation, until a
+        # callback may have changed them; saves assigning an iterate the
+        # solver has just evaluated (at 1.86M weights, most of kormos' own
+        # time per iteration: benchmarks/bench.py, "large" row).
+        self._holds = None
 
     @property
     def variables(self):
@@ -1309,7 +1315,10 @@ class BatchOptimizer:
     def set_weights(self, x):
         """Assigns the flat vector `x` to the trainable weights."""
         self._require_built()
+        if x is self._holds:  # the last evaluation left the model at `x`
+            return
         self._objective.assign(tf.constant(_as_flat_float64(x, self._objective.size)))
+        self._holds = None
 
     # -- Objective ---------------------------------------------------------------
 
@@ -1354,6 +1363,7 @@ class BatchOptimizer:
         n = self._objective.size
         x, v = _as_flat_float64(x, n), _as_flat_float64(v, n, "v")
         self.hessp_evals += 1
+        self._holds = None
         return self._objective.hessp(tf.constant(x), tf.constant(v)).numpy()
 
     def hess(self, x):
@@ -1371,31 +1381,36 @@ class BatchOptimizer:
     def _evaluate(self, x):
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        value = self._cached(x)
-        if value is None:
-            loss, gradient, metrics = self._objective.fg(tf.constant(x))
-            value = (
-                float(loss),
-                gradient.numpy(),
-                {k: float(v) for k, v in metrics.items()},
-            )
-            self.fg_evals += 1
-            remembered = self._cache + [(x.copy(), value)]
-            self._cache = remembered[-self.max_cache_entries :]
-            _warn_unused_variables(self._objective)
-        loss, gradient, _ = value
-        if not (np.isfinite(loss) and np.all(np.isfinite(gradient))):
+        entry = self._cached(x) or self._compute(x)
+        _, value, finite = entry
+        if not finite:
+            loss = value[0]
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
                 f"The {what} is not finite (loss={loss}) at the current weights."
             )
         return value
 
+    def _compute(self, x):
+        """Evaluates at `x` (one compiled pass) and remembers the result."""
+        x = tf.constant(x)
+        loss, gradient, metrics = self._objective.fg(x)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        value = (float(loss), gradient.numpy(), metrics)
+        self.fg_evals += 1
+        finite = bool(np.isfinite(value[0]) and np.all(np.isfinite(value[1])))
+        entry = (x.numpy(), value, finite)  # the tensor's own buffer: no copy
+        self._cache = (self._cache + [entry])[-self.max_cache_entries :]
+        self._holds = entry[0]
+        _warn_unused_variables(self._objective)
+        return entry
+
     def _cached(self, x):
-        """Returns the remembered evaluation at `x`, or None."""
-        for point, value in reversed(self._cache):
-            if point[0] == x[0] and np.array_equal(point, x):
-                return value
+        """Returns the remembered `(point, value, finite)` at `x`, or None."""
+        for entry in reversed(self._cache):
+            point = entry[0]
+            if point is x or (point[0] == x[0] and np.array_equal(point, x)):
+                return entry
         return None
 
     # -- Solver ------------------------------------------------------------------
@@ -1624,7 +1639,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
         self.constraints = constraints
         self.tol = tol
         self.max_dense_params = max_dense_params
-        _plan_runs(self.method, epochs, options, pretrain_fn)  # checks them
+        _plan_runs(self)  # checks the arguments
 
     def minimize(
         self,
@@ -1675,13 +1690,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
                 weight changes.
         """
         self._require_built()
-        runs = _plan_runs(
-            self.method if method is None else method,
-            self.epochs if epochs is None else epochs,
-            self.options if options is None else options,
-            self.pretrain_fn if pretrain_fn is None else pretrain_fn,
-            warn=True,
-        )
+        runs = _plan_runs(self, method, epochs, options, pretrain_fn, warn=True)
         bounds = self.bounds if bounds is None else bounds
         constraints = self.constraints if constraints is None else constraints
         tol = self.tol if tol is None else tol
@@ -1732,7 +1741,7 @@ class ScipyBatchOptimizer(BatchOptimizer):
         name = _method_name(run.method)
         arguments = {
             "method": run.method,
-            "options": run.options,
+            "options": run.scipy_options(),
             "tol": tol,
             "bounds": _resolve_bounds(bounds, self._objective.variables, name),
         }
@@ -1814,19 +1823,43 @@ class _Run:
     def __init__(self, method, budget, options, pretrain_fn):
         self.method = method
         self.budget = budget
-        self.options = options
+        self.options = options  # as the user gave them
         self.pretrain_fn = pretrain_fn
+        # Methods whose `maxiter` counts iterations get the budget as maxiter;
+        # kormos counts the iterations of the others itself.
+        self.maxiter_is_budget = _method_name(method) not in _COUNTED_BY_KORMOS
+
+    def scipy_options(self):
+        """The `options` for scipy: the user's, with the budget as `maxiter`."""
+        if not self.maxiter_is_budget:
+            return dict(self.options)
+        return {**self.options, "maxiter": self.budget}
+
+    def options_without_budget(self):
+        """The user's `options`, less a `maxiter` that only repeats the budget."""
+        if not self.maxiter_is_budget:
+            return dict(self.options)
+        return {k: v for k, v in self.options.items() if k != "maxiter"}
+
+    def after(self, done):
+        """This run without its first `done` iterations (for a resumed fit)."""
+        return _Run(self.method, self.budget - done, self.options, self.pretrain_fn)
 
 
-def _plan_runs(method, epochs, options, pretrain_fn, warn=False):
+def _plan_runs(
+    optimizer, method=None, epochs=None, options=None, pretrain_fn=None, warn=False
+):
     """Checks the solver arguments and returns a list of `_Run`s.
 
-    `method`, `epochs`, `options` and `pretrain_fn` may each be a list (one
-    entry per chained run, all lists of one length) or a single value used
-    for every run. Each run's budget is `epochs`, else `options["maxiter"]`,
-    else 20; `options["maxiter"]` is set to it (except for the methods
-    kormos counts itself).
+    Arguments left None take the optimizer's own settings. `method`,
+    `epochs`, `options` and `pretrain_fn` may each be a list (one entry per
+    chained run, all lists of one length) or a single value used for every
+    run. Each run's budget is `epochs`, else `options["maxiter"]`, else 20.
     """
+    method = optimizer.method if method is None else method
+    epochs = optimizer.epochs if epochs is None else epochs
+    options = optimizer.options if options is None else options
+    pretrain_fn = optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn
     lists = {
         name: value
         for name, value in (
@@ -1863,8 +1896,6 @@ def _plan_runs(method, epochs, options, pretrain_fn, warn=False):
             )
         run_options = dict(run_options or {})
         budget = _iteration_budget(nth(epochs, i), run_options, run_method, warn)
-        if _method_name(run_method) not in _COUNTED_BY_KORMOS:
-            run_options["maxiter"] = budget
         runs.append(_Run(run_method, budget, run_options, nth(pretrain_fn, i)))
     return runs
 
@@ -1937,9 +1968,10 @@ class _RunState:
     def on_iteration(self, intermediate_result):
         # Most methods pass an OptimizeResult, TNC passes x. L-BFGS-B and
         # Newton-CG reuse one buffer for x, hence the copy.
-        x = getattr(intermediate_result, "x", intermediate_result)
-        self._accept(np.array(x, dtype=np.float64))
-        if self.callback is not None and self.callback(self.x):
+        self._accept(getattr(intermediate_result, "x", intermediate_result))
+        stop = self.callback is not None and self.callback(self.x)
+        self.optimizer._holds = None  # the callback may have changed the weights
+        if stop:
             raise _StopRun(
                 _STATUS_STOPPED, "Stopped by a callback (model.stop_training)."
             )
@@ -1950,12 +1982,14 @@ class _RunState:
             )
 
     def _accept(self, x):
-        self.x = x
+        entry = self.optimizer._cached(x)
+        # The cached copy of x, if any: the callback's weight assignment and
+        # cache lookups then recognize it without comparing every entry.
+        self.x = entry[0] if entry else np.array(x, dtype=np.float64)
         self.nit += 1
         self.optimizer.iterations += 1
-        cached = self.optimizer._cached(x)
-        if cached is not None:
-            self.losses = self.losses[-1:] + [cached[0]]
+        if entry is not None:
+            self.losses = self.losses[-1:] + [entry[1][0]]
 
     def _stop_if_interrupted(self):
         if _INTERRUPTS.requested:
@@ -1969,15 +2003,16 @@ class _RunState:
         if self.callback is not None and not np.array_equal(x, self.x):
             self.x = np.array(x, dtype=np.float64)
             self.callback(self.x)
+            self.optimizer._holds = None
 
     def result(self, status, message):
         """Builds the result of a run that kormos ended, at the last iterate."""
-        cached = self.optimizer._cached(self.x)
+        entry = self.optimizer._cached(self.x)
         fg_evals, hessp_evals = self.evals_before
         return scipy.optimize.OptimizeResult(
             x=self.x,
-            fun=cached[0] if cached else float("nan"),
-            jac=cached[1] if cached else None,
+            fun=entry[1][0] if entry else float("nan"),
+            jac=entry[1][1] if entry else None,
             nit=self.nit,
             nfev=self.optimizer.fg_evals - fg_evals,
             nhev=self.optimizer.hessp_evals - hessp_evals,
@@ -2240,7 +2275,7 @@ class _FitLoop:
         # The weights after each of the last two History rows, by row count.
         self.row_weights = {}
 
-    def run(self, runs, initial_epoch, **solver_kwargs):
+    def run(self, runs, initial_epoch, solver_kwargs):
         model, optimizer = self.model, self.optimizer
         model.stop_training = False
         self.callbacks.on_train_begin()
@@ -2250,12 +2285,8 @@ class _FitLoop:
         try:
             if runs and not _INTERRUPTS.requested:
                 optimizer.minimize(
-                    epochs=[run.budget for run in runs],
                     callback=self.end_iteration,
-                    pretrain_fn=[run.pretrain_fn for run in runs],
-                    method=[run.method for run in runs],
-                    options=[run.options for run in runs],
-                    **solver_kwargs,
+                    **_minimize_arguments(optimizer, runs, solver_kwargs),
                 )
         finally:
             rows = len(self.history.epoch)
@@ -2300,6 +2331,25 @@ class _FitLoop:
         return {f"val_{k}": float(v) for k, v in results.items()}
 
 
+def _minimize_arguments(optimizer, runs, solver_kwargs):
+    """Returns the `minimize()` arguments of a fit's (remaining) runs.
+
+    A `ScipyBatchOptimizer` gets the chain as lists; another `BatchOptimizer`
+    gets the total budget and the solver arguments given to `fit()`.
+    """
+    if not isinstance(optimizer, ScipyBatchOptimizer):
+        given = {k: v for k, v in solver_kwargs.items() if v is not None}
+        budget = sum(run.budget for run in runs)
+        return {"epochs": budget, "pretrain_fn": runs[0].pretrain_fn, **given}
+    return {
+        "epochs": [run.budget for run in runs],
+        "pretrain_fn": [run.pretrain_fn for run in runs],
+        "method": [run.method for run in runs],
+        "options": [run.options_without_budget() for run in runs],
+        **solver_kwargs,
+    }
+
+
 def _resumed_epoch(model, initial_epoch):
     """Returns the epoch to start from, after `on_train_begin`.
 
@@ -2314,12 +2364,9 @@ def _skip_iterations(runs, done):
     """Returns `runs` without their first `done` iterations (for a resume)."""
     remaining = []
     for run in runs:
-        if done >= run.budget:
-            done -= run.budget
-            continue
-        remaining.append(_Run(run.method, run.budget - done, run.options, None))
-        remaining[-1].pretrain_fn = run.pretrain_fn
-        done = 0
+        if done < run.budget:
+            remaining.append(run.after(done))
+        done = max(0, done - run.budget)
     return remaining
 
 
@@ -2579,17 +2626,22 @@ class _BatchOptimizedMixin:
                 "e.g. `model.compile(loss='mse', optimizer='l-bfgs-b')`."
             )
         with _INTERRUPTS.deferred():
-            runs = _plan_runs(
-                optimizer.method if method is None else method,
-                optimizer.epochs if epochs is None else epochs,
-                optimizer.options if options is None else options,
-                optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
-            ) if isinstance(optimizer, ScipyBatchOptimizer) else _plan_runs(
-                "l-bfgs-b", epochs, options, pretrain_fn
-            )
+            solver_kwargs = {"bounds": bounds, "constraints": constraints, "tol": tol}
+            if isinstance(optimizer, ScipyBatchOptimizer):
+                runs = _plan_runs(
+                    optimizer, method, epochs, options, pretrain_fn, warn=True
+                )
+            else:  # the optimizer's own minimize() reads method and options
+                solver_kwargs.update(method=method, options=options)
+                runs = [_Run("l-bfgs-b", epochs or _DEFAULT_EPOCHS, {}, pretrain_fn)]
             if len(runs) == 1 and not isinstance(epochs, (list, tuple)):
-                runs[0].budget -= initial_epoch
-                _check_positive_int(runs[0].budget, "epochs - initial_epoch")
+                if runs[0].budget <= initial_epoch:
+                    raise ValueError(
+                        "`epochs` must be greater than `initial_epoch`: it is "
+                        "the index of the last epoch, as in Keras. Received: "
+                        f"epochs={runs[0].budget}, initial_epoch={initial_epoch}"
+                    )
+                runs[0] = runs[0].after(initial_epoch)
             if validation_split and validation_data is None:
                 (x, y, sample_weight), validation_data = _split_validation(
                     x, y, sample_weight, validation_split
@@ -2619,9 +2671,7 @@ class _BatchOptimizedMixin:
             last_epoch = initial_epoch + sum(run.budget for run in runs)
             callbacks, history = _make_callbacks(self, callbacks, verbose, last_epoch)
             loop = _FitLoop(self, callbacks, history, validation, validation_freq)
-            return loop.run(
-                runs, initial_epoch, bounds=bounds, constraints=constraints, tol=tol
-            )
+            return loop.run(runs, initial_epoch, solver_kwargs)
 
     def train_on_batch(self, *args, **kwargs):
         """`keras.Model.train_on_batch`; not for a batch optimizer (use `fit`)."""
@@ -2688,7 +2738,9 @@ class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if _is_functional_call(args, kwargs) and not issubclass(cls, _Functional):
+        if _is_functional_call(args, kwargs) and not issubclass(
+            cls, (_Functional, keras.Sequential)
+        ):
             cls = _with_functional_base(cls)
         return super().__new__(cls, *args, **kwargs)
 

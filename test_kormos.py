@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1074,6 +1075,654 @@ def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
 
 
 # =============================================================================
+# The Keras contract: what keras.Model + "adam" does, a solver-compiled model
+# does too (one epoch = one solver iteration)
+# =============================================================================
+
+
+def twin_models(cls=kormos.BatchOptimizedSequentialModel, width=4):
+    """A kormos model and a plain Keras model with the same weights."""
+    models = []
+    for model_class in (cls, keras.Sequential):
+        keras.utils.set_random_seed(0)
+        models.append(
+            model_class(
+                [
+                    keras.Input((3,)),
+                    keras.layers.Dense(width, activation="tanh"),
+                    keras.layers.Dense(1),
+                ]
+            )
+        )
+    return models
+
+
+def small_data(n=48):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3))
+    return x, np.sin(x).sum(axis=1, keepdims=True)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """A PyDataset over in-memory arrays, `size` rows a batch."""
+
+    def __init__(self, *arrays, size=16, **kwargs):
+        super().__init__(**kwargs)
+        self.arrays, self.size = arrays, size
+
+    def __len__(self):
+        return -(-len(self.arrays[0]) // self.size)
+
+    def __getitem__(self, i):
+        rows = slice(i * self.size, (i + 1) * self.size)
+        return tuple(a[rows] for a in self.arrays)
+
+
+def endless_batches(*arrays, size=16):
+    """A Python generator cycling over the batches forever, as Keras allows."""
+    while True:
+        for start in range(0, len(arrays[0]), size):
+            yield tuple(a[start : start + size] for a in arrays)
+
+
+INPUT_FORMS = {
+    "numpy": lambda x, y: ((x, y), {}),
+    "tensors": lambda x, y: ((tf.constant(x), tf.constant(y)), {}),
+    "pandas": lambda x, y: (
+        (pytest.importorskip("pandas").DataFrame(x), pytest.importorskip("pandas").DataFrame(y)),
+        {},
+    ),
+    "tf.data": lambda x, y: ((tf.data.Dataset.from_tensor_slices((x, y)).batch(16),), {}),
+    "PyDataset": lambda x, y: ((ArrayBatches(x, y),), {}),
+    "generator": lambda x, y: ((endless_batches(x, y),), {"steps_per_epoch": 3}),
+}
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS)
+def test_fit_takes_every_input_form_that_keras_takes(form, float64):
+    x, y = small_data()
+    model, plain = twin_models()
+    plain.compile(loss="mse", optimizer="adam")
+    args, kwargs = INPUT_FORMS[form](x, y)
+    plain.fit(*args, epochs=1, verbose=0, **kwargs)  # the baseline takes it
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    reference = kormos.ScipyBatchOptimizer().build(model, x, y)
+    w0 = reference.get_weights()
+    args, kwargs = INPUT_FORMS[form](x, y)
+    steps = kwargs.get("steps_per_epoch")
+    bound = kormos.ScipyBatchOptimizer().build(model, *args, steps=steps)
+    np.testing.assert_allclose(bound.func(w0), reference.func(w0), rtol=1e-12)
+    np.testing.assert_allclose(bound.grad(w0), reference.grad(w0), rtol=1e-10)
+    args, kwargs = INPUT_FORMS[form](x, y)
+    validation, _ = INPUT_FORMS[form](x, y)
+    validation = validation if len(validation) > 1 else validation[0]
+    history = model.fit(
+        *args,
+        epochs=3,
+        verbose=0,
+        validation_data=validation,
+        validation_steps=steps,
+        **kwargs,
+    )
+    assert len(history.history["loss"]) == len(history.history["val_loss"]) == 3
+    np.testing.assert_allclose(history.history["val_loss"], history.history["loss"], rtol=1e-9)
+
+
+def test_list_and_dict_inputs_like_keras(float64):
+    x, y = small_data()
+    inputs = {"a": keras.Input((2,), name="a"), "b": keras.Input((1,), name="b")}
+    hidden = keras.layers.Concatenate()([inputs["a"], inputs["b"]])
+    model = kormos.BatchOptimizedModel(inputs, keras.layers.Dense(1)(hidden))
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    as_dict = {"a": x[:, :2], "b": x[:, 2:]}
+    as_list = [x[:, :2], x[:, 2:]]  # in the order of model.inputs
+    w0 = kormos.pack_weights(model.trainable_variables)
+    values = [
+        kormos.ScipyBatchOptimizer().build(model, data, y).func(w0)
+        for data in (as_dict, as_list)
+    ]
+    assert values[0] == values[1]
+    assert len(fit_quietly(model, as_dict, y, epochs=2).history["loss"]) == 2
+
+
+def test_an_input_type_keras_does_not_take_raises_like_keras():
+    model, plain = twin_models()
+    plain.compile(loss="mse", optimizer="adam")
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    for fit in (plain.fit, model.fit):
+        with pytest.raises(ValueError, match="(?i)unrecognized data type.*set"):
+            fit({1, 2, 3}, np.ones((3, 1)), verbose=0)
+
+
+# Constructor arguments for each built-in callback (those not listed take none).
+CALLBACK_ARGUMENTS = {
+    "BackupAndRestore": lambda tmp: {"backup_dir": str(tmp / "backup")},
+    "CSVLogger": lambda tmp: {"filename": str(tmp / "log.csv")},
+    "LambdaCallback": lambda tmp: {"on_epoch_end": lambda epoch, logs: None},
+    "LearningRateScheduler": lambda tmp: {"schedule": lambda epoch, lr: lr},
+    "ModelCheckpoint": lambda tmp: {"filepath": str(tmp / "best.keras")},
+    "OrbaxCheckpoint": lambda tmp: {"directory": str(tmp / "orbax")},
+    "RemoteMonitor": lambda tmp: {"root": "http://localhost:9"},  # nothing listens
+    "SwapEMAWeights": lambda tmp: {},
+    "TensorBoard": lambda tmp: {"log_dir": str(tmp / "tb"), "write_steps_per_second": True},
+}
+IGNORED_CALLBACKS = {"LearningRateScheduler", "ReduceLROnPlateau", "SwapEMAWeights"}
+
+
+def builtin_callbacks():
+    names = sorted(
+        name
+        for name, value in vars(keras.callbacks).items()
+        if isinstance(value, type)
+        and issubclass(value, keras.callbacks.Callback)
+        and name not in ("Callback", "CallbackList", "History", "ProgbarLogger")
+    )
+    return names
+
+
+@pytest.mark.parametrize("name", builtin_callbacks())
+def test_every_builtin_callback_works_or_is_ignored_with_a_warning(name, tmp_path):
+    x, y = small_data()
+    arguments = CALLBACK_ARGUMENTS.get(name, lambda tmp: {})(tmp_path)
+    try:
+        keras_callback = getattr(keras.callbacks, name)(**arguments)
+    except ImportError as error:  # e.g. OrbaxCheckpoint without orbax
+        pytest.skip(f"{name} needs an optional package: {error}")
+    model, plain = twin_models()
+    plain.compile(loss="mse", optimizer="adam")
+    if name == "SwapEMAWeights":
+        plain.compile(loss="mse", optimizer=keras.optimizers.Adam(use_ema=True))
+    plain.fit(x, y, epochs=2, verbose=0, validation_data=(x, y), callbacks=[keras_callback])
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    callback = getattr(keras.callbacks, name)(**arguments)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(
+            x, y, epochs=3, verbose=0, validation_data=(x, y), callbacks=[callback]
+        )
+    assert len(history.history["loss"]) >= 1
+    ignored = [w for w in caught if f"{name} acts on a learning rate" in str(w.message)]
+    assert bool(ignored) == (name in IGNORED_CALLBACKS)
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Simulates a crash (e.g. a preempted job) at the end of an epoch."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("preempted")
+
+
+def test_backup_and_restore_resumes_at_the_epoch_keras_resumes_at(tmp_path):
+    x, y = small_data()
+    model, plain = twin_models()
+    plain.compile(loss="mse", optimizer="adam")
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    epochs = {}
+    for who, m in (("keras", plain), ("kormos", model)):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / who))
+        with pytest.raises(RuntimeError, match="preempted"):
+            m.fit(x, y, epochs=8, verbose=0, callbacks=[backup, InterruptAt(3)])
+        saved = [w.copy() for w in m.get_weights()]
+        m.set_weights([w * 0 for w in saved])  # a fresh process would not have them
+        resumed = {}
+
+        def remember(logs=None, m=m, resumed=resumed):
+            resumed["weights"] = [w.copy() for w in m.get_weights()]
+
+        start = keras.callbacks.LambdaCallback(on_train_begin=remember)
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / who))
+        history = m.fit(
+            x, y, epochs=8, verbose=0, callbacks=[backup, start],
+            **({"options": {"gtol": 0, "ftol": 0}} if who == "kormos" else {}),
+        )
+        epochs[who] = history.epoch
+        for a, b in zip(resumed["weights"], saved):
+            np.testing.assert_array_equal(a, b)
+    assert epochs["kormos"] == epochs["keras"] == [4, 5, 6, 7]
+
+
+def test_summary_counts_the_weights_once_and_shows_batch_none():
+    model, plain = twin_models()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    model.summary(print_fn=lambda *a, **k: None)  # works right after compile
+    x, y = small_data()
+    fit_quietly(model, x, y, epochs=2)
+    lines = []
+    model.summary(print_fn=lambda line, *a, **k: lines.append(line))
+    text = "\n".join(lines)
+    assert re.search(r"Total params: 21\b", text), text
+    assert not re.search(r"Optimizer params: [1-9]", text)
+
+    class Subclassed(kormos.BatchOptimizedModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    class PlainSubclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    shown = {}
+    for cls, optimizer in ((Subclassed, "l-bfgs-b"), (PlainSubclassed, "adam")):
+        sub = cls()
+        sub.compile(loss="mse", optimizer=optimizer)
+        fit_quietly(sub, x, y, epochs=1)
+        printed = []
+        sub.summary(print_fn=lambda line, *a, out=printed, **k: out.append(line))
+        shown[cls] = re.findall(r"\(None, 1\)|\(\d+, 1\)", "\n".join(printed))
+    assert shown[Subclassed] == shown[PlainSubclassed] == ["(None, 1)"]
+
+
+def test_evaluate_predict_and_batch_methods_match_keras(float64):
+    x, y = small_data()
+    model, plain = twin_models()
+    for m, optimizer in ((model, "l-bfgs-b"), (plain, "adam")):
+        m.compile(loss="mse", optimizer=optimizer, metrics=["mae"])
+    fit_quietly(model, x, y, epochs=5)
+    plain.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        model.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0), rtol=1e-12
+    )
+    np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0))
+    np.testing.assert_allclose(model.test_on_batch(x, y), plain.test_on_batch(x, y))
+    np.testing.assert_allclose(model.predict_on_batch(x), plain.predict_on_batch(x))
+
+
+def test_train_on_batch_points_at_fit_and_works_when_compiled_with_adam():
+    x, y = small_data()
+    model, plain = twin_models()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    with pytest.raises(RuntimeError, match="fit\\(x, y, epochs=1\\)"):
+        model.train_on_batch(x, y)
+    model.compile(loss="mse", optimizer="adam")
+    plain.compile(loss="mse", optimizer="adam")
+    np.testing.assert_allclose(model.train_on_batch(x, y), plain.train_on_batch(x, y))
+    np.testing.assert_allclose(model.get_weights()[0], plain.get_weights()[0])
+
+
+def test_adam_compiled_model_saves_and_loads_compiled_like_keras(tmp_path):
+    x, y = small_data()
+    histories = {}
+    for who, m in zip(("kormos", "keras"), twin_models()):
+        m.compile(loss="mse", optimizer="adam", metrics=["mae"])
+        m.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        m.save(tmp_path / f"{who}.keras")
+        loaded = keras.models.load_model(tmp_path / f"{who}.keras")
+        assert isinstance(loaded.optimizer, keras.optimizers.Adam)
+        assert int(loaded.optimizer.iterations) == 6  # the optimizer state too
+        histories[who] = loaded.fit(x, y, epochs=2, batch_size=16, verbose=0).history
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(histories["kormos"][key], histories["keras"][key])
+
+
+def test_save_weights_and_load_weights_round_trip(tmp_path):
+    x, y = small_data()
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    fit_quietly(model, x, y, epochs=3)
+    model.save_weights(tmp_path / "w.weights.h5")
+    fitted = weights_of(model)
+    model.set_weights([w * 0 for w in fitted])
+    model.load_weights(tmp_path / "w.weights.h5")
+    for a, b in zip(weights_of(model), fitted):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_constructor_arguments_positional_and_by_keyword_like_keras():
+    def layers():
+        return [keras.Input((3,)), keras.layers.Dense(1)]
+
+    for args, kwargs in (((True, "seq"), {}), ((), {"trainable": True, "name": "seq"})):
+        model = kormos.BatchOptimizedSequentialModel(layers(), *args, **kwargs)
+        plain = keras.Sequential(layers(), *args, **kwargs)
+        assert model.name == plain.name == "seq"
+        assert model.count_params() == plain.count_params() == 4
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(1)(inputs)
+    for args, kwargs in (  # the forms Keras takes: two positional arguments at most
+        ((inputs, outputs), {"name": "fun"}),
+        ((inputs,), {"outputs": outputs, "name": "fun"}),
+        ((), {"inputs": inputs, "outputs": outputs, "name": "fun"}),
+    ):
+        model = kormos.BatchOptimizedModel(*args, **kwargs)
+        plain = keras.Model(*args, **kwargs)
+        assert model.name == plain.name == "fun"
+        assert isinstance(model, kormos.BatchOptimizedModel)
+        assert model.count_params() == plain.count_params() == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fit_inside_a_strategy_scope_equals_fit_without_one(dtype):
+    x, y = small_data()
+    histories = []
+    with floatx(dtype):
+        for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy()):
+            with strategy.scope():
+                model, _ = twin_models()
+                model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
+                histories.append(fit_quietly(model, x, y, epochs=4, batch_size=20).history)
+    rtol = 1e-10 if dtype == "float64" else 1e-5
+    for key in ("loss", "mae", "grad"):
+        np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=rtol)
+
+
+@pytest.mark.slow
+def test_import_fails_clearly_on_another_keras_backend():
+    # Keras' other backends need jax, torch or openvino installed; what kormos
+    # checks is `keras.config.backend()`, so the subprocess reports "jax".
+    code = "import keras; keras.config.backend = lambda: 'jax'; import kormos"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(kormos.__file__).parent,
+    )
+    assert result.returncode != 0
+    assert "ImportError: kormos runs on Keras' TensorFlow backend" in result.stderr
+    assert "'jax' backend" in result.stderr
+    assert "KERAS_BACKEND=tensorflow" in result.stderr
+
+
+def test_summed_losses_do_not_depend_on_batch_size(float64):
+    x, y = small_data(n=30)
+    model = linear_model(d=3, l2=0.1)
+    model.compile(loss=keras.losses.MeanSquaredError(reduction="sum"), optimizer="l-bfgs-b")
+    w0 = kormos.pack_weights(model.trainable_variables)
+    kernel, bias = model.get_weights()
+    residual = x @ kernel + bias - y
+    expected = float((residual**2).sum() + effective_l2(0.1) * (kernel**2).sum())
+    fitted = []
+    for batch_size in (None, 7, 1):
+        opt = kormos.ScipyBatchOptimizer().build(model, x, y, batch_size=batch_size)
+        np.testing.assert_allclose(opt.func(w0), expected, rtol=1e-12)
+        model.set_weights([kernel, bias])
+        fit_quietly(model, x, y, epochs=5, batch_size=batch_size)
+        fitted.append(kormos.pack_weights(model.trainable_variables))
+    np.testing.assert_allclose(fitted[1], fitted[0], rtol=1e-8)
+    np.testing.assert_allclose(fitted[2], fitted[0], rtol=1e-8)
+
+
+def test_per_batch_add_loss_terms_warn_when_batch_size_splits_the_data():
+    x, y = small_data()
+    model = kormos.BatchOptimizedSequentialModel(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, activity_regularizer=keras.regularizers.L1(1e-3)),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    with pytest.warns(UserWarning, match="add_loss.*depends on `batch_size`"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, epochs=1, verbose=0)  # one batch: no warning
+
+
+def test_results_and_memory_hold_the_last_fit_only():
+    import gc
+    import weakref
+
+    x, y = small_data()
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    fit_quietly(model, x, y, epochs=3)
+    first = weakref.ref(model.optimizer.results[0])
+    for _ in range(3):
+        fit_quietly(model, x, y, epochs=3, options={"gtol": 0, "ftol": 0})
+        assert len(model.optimizer.results) == 1
+    gc.collect()
+    assert first() is None  # no earlier run (or its hess_inv) is kept
+
+
+class CountsForwardPasses(keras.layers.Layer):
+    """Identity that counts how often the model runs forward, compiled or not."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(), initializer="zeros", trainable=False)
+
+    def call(self, x):
+        self.count.assign_add(1.0)
+        return x
+
+
+@pytest.mark.parametrize("method", ["l-bfgs-b", "newton-cg", "trust-ncg"])
+def test_a_fit_evaluates_only_what_the_solver_asks_for(method, float64):
+    x, y = small_data()
+    counter = CountsForwardPasses()
+    model = kormos.BatchOptimizedSequentialModel(
+        [keras.Input((3,)), counter, keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse", optimizer=method)
+    before = float(counter.count.numpy())
+    fit_quietly(model, x, y, epochs=6)
+    passes = float(counter.count.numpy()) - before - 1  # less the eager probe
+    requested = sum(r.nfev + r.get("nhev", 0) for r in model.optimizer.results)
+    assert passes == model.optimizer.fg_evals + model.optimizer.hessp_evals
+    # Logging an iteration costs no pass; a point scipy asks for twice (the
+    # trust-region methods re-request an accepted point) is served from cache.
+    assert passes == requested if method == "l-bfgs-b" else passes <= requested
+
+
+class CtrlCTimer:
+    """Presses Ctrl-C `delay` seconds after `start()`, unless `stop()` came first."""
+
+    def __init__(self, delay):
+        self.delay, self.timer, self.done = delay, None, False
+        self.lock = threading.Lock()
+
+    def start(self):
+        if self.timer is None:
+            self.timer = threading.Timer(self.delay, self._press)
+            self.timer.start()
+
+    def _press(self):
+        with self.lock:
+            if not self.done:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def stop(self):
+        with self.lock:
+            self.done = True
+        self.timer.cancel()
+
+
+class StartsTimer(ArrayBatches):
+    """Batches whose first read (inside fit's setup) starts a `CtrlCTimer`."""
+
+    def __init__(self, timer, *arrays, **kwargs):
+        super().__init__(*arrays, **kwargs)
+        self.ctrl_c = timer
+
+    def __getitem__(self, i):
+        self.ctrl_c.start()
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.1])
+def test_weights_match_the_last_history_row_whenever_ctrl_c_arrives(delay):
+    x, y = small_data()
+    model, _ = twin_models(width=8)
+    model.compile(loss="mse", optimizer="nelder-mead", metrics=["mae"])
+    start = weights_of(model)
+    rows = []
+    slow = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: (rows.append(weights_of(model)), time.sleep(0.01))
+    )
+    timer = CtrlCTimer(delay)  # Nelder-Mead's 300 iterations take far longer
+    try:
+        history = model.fit(
+            StartsTimer(timer, x, y, size=48),
+            epochs=300,
+            verbose=0,
+            callbacks=[slow],
+            validation_data=(x, y),
+            options={"xatol": 0, "fatol": 0},
+        )
+    finally:
+        timer.stop()
+    lengths = {len(values) for values in history.history.values()} | {len(history.epoch)}
+    assert len(lengths) == 1 and lengths.pop() == len(rows) < 300
+    expected = rows[-1] if rows else start
+    for a, b in zip(weights_of(model), expected):
+        np.testing.assert_array_equal(a, b)
+    if rows:
+        assert model.optimizer.results[-1].status == 97
+
+
+def test_ctrl_c_while_reading_the_data_ends_fit_before_training():
+    x, y = small_data()
+
+    class PressesCtrlC(ArrayBatches):
+        pressed = False
+
+        def __getitem__(self, i):
+            if not self.pressed:  # once: a second Ctrl-C raises KeyboardInterrupt
+                self.pressed = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__getitem__(i)
+
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    start = weights_of(model)
+    history = model.fit(PressesCtrlC(x, y), epochs=5, verbose=0)
+    assert history.history == {} and history.epoch == []
+    for a, b in zip(weights_of(model), start):
+        np.testing.assert_array_equal(a, b)
+
+
+# =============================================================================
+# kormos 0.1 compatibility: the calls of its README and docstrings
+# =============================================================================
+
+
+def ols_problem_0_1(rank=3, n=1000, reg=1e-5, loss=None):
+    """kormos 0.1's test problem: a keras.Sequential OLS model compiled with
+    Adam, data as an (X, y, sample_weight) tuple of tensors."""
+    w = 1.0 + np.arange(rank)
+    X = np.random.default_rng(3).normal(size=(n, rank))
+    data = (tf.constant(X), tf.constant(X @ w), tf.constant(np.ones(n)))
+    model = keras.Sequential(
+        [
+            keras.Input((rank,)),
+            keras.layers.Dense(
+                1,
+                use_bias=False,
+                kernel_regularizer=keras.regularizers.L2(reg),
+                kernel_initializer="ones",
+            ),
+        ]
+    )
+    model.compile(loss=loss or keras.losses.MeanSquaredError(), optimizer="adam")
+    return model, data, w
+
+
+def test_0_1_batch_optimizer_builds_on_an_xyw_tuple_with_exact_derivatives(float64):
+    model, (X, y, w), _ = ols_problem_0_1(n=2, reg=0.1)
+    X = tf.ones((2, 3), tf.float64)
+    optimizer = kormos.optimizers.BatchOptimizer(
+        dtype=tf.float64, batch_size=1
+    ).build(model, (X, y, w))
+    x0, n, lam = np.ones(3), 2, effective_l2(0.1)
+    residual = X.numpy() @ x0 - y.numpy()
+    np.testing.assert_allclose(optimizer.func(x0), residual @ residual / n + lam * 3)
+    grad = 2 / n * X.numpy().T @ residual + 2 * lam * x0
+    np.testing.assert_allclose(optimizer.grad(x0), grad)
+    hess = 2 / n * X.numpy().T @ X.numpy() + 2 * lam * np.eye(3)
+    for k in range(3):
+        np.testing.assert_allclose(optimizer.hessp(x0, np.eye(3)[k]), hess[:, k])
+
+
+def test_0_1_minimize_returns_the_weights_and_chains_lists(float64):
+    loss = keras.losses.MeanSquaredError(reduction="sum")
+    model, data, w = ols_problem_0_1(rank=5, loss=loss)
+    optimizer = kormos.optimizers.ScipyBatchOptimizer(
+        dtype=tf.float64, batch_size=2
+    ).build(model, data)
+    weights = optimizer.minimize(
+        method="L-BFGS-B", epochs=20, options={"gtol": 1e-9, "ftol": 1e-6}
+    )
+    np.testing.assert_allclose(weights, w, atol=0.01)
+    assert len(optimizer.results) == 1 and optimizer.results[0].success
+    model, data, w = ols_problem_0_1(rank=5)
+    optimizer = kormos.optimizers.ScipyBatchOptimizer(dtype=tf.float64, batch_size=2)
+    weights = optimizer.build(model, data).minimize(
+        method=["L-BFGS-B", "Newton-CG"],
+        epochs=[2, 5],
+        options=[{"gtol": 1e-9, "ftol": 1e-6}, {}],
+    )
+    np.testing.assert_allclose(weights, w, atol=0.01)
+    assert len(optimizer.results) == 2 and optimizer.results[-1].success
+
+
+def test_0_1_pretrain_fn_and_callback_on_minimize(float64):
+    x, y = small_data()
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer="scipy")
+    optimizer = model.optimizer.build(model, x, y)
+    frozen = {}
+
+    def freeze_first_layer(m):
+        m.layers[0].trainable = False
+        frozen["kernel"] = m.layers[0].get_weights()[0].copy()
+
+    seen = []
+    weights = optimizer.minimize(
+        epochs=[3, 3],
+        method=["L-BFGS-B", "CG"],
+        pretrain_fn=[None, freeze_first_layer],
+        callback=lambda x: seen.append(x.size),
+    )
+    assert seen[:3] == [21] * 3 and set(seen[3:]) == {5}  # 4 kernel + 1 bias
+    assert weights.size == 5
+    np.testing.assert_array_equal(model.layers[0].get_weights()[0], frozen["kernel"])
+
+
+def test_0_1_fit_points_to_fit_batch_when_compiled_with_a_batch_optimizer():
+    x, y = small_data()
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer="scipy")
+    assert model.fit == model.fit_batch
+    history = model.fit_batch(x, y, epochs=3, verbose=0)
+    assert len(history.history["loss"]) == 3
+    model.compile(loss="mse", optimizer="adam")
+    assert model.fit != model.fit_batch
+    with pytest.raises(ValueError, match="compiled with a batch optimizer"):
+        model.fit_batch(x, y, verbose=0)
+
+
+def test_0_1_constructor_argument_order_and_defaults():
+    optimizer = kormos.optimizers.ScipyBatchOptimizer("scipy", "bfgs", 4)
+    assert (optimizer.name, optimizer.method, optimizer.epochs) == ("scipy", "bfgs", 4)
+    base = kormos.optimizers.BatchOptimizer("batch", 2**10, 10, tf.float64)
+    assert (base.name, base.batch_size, base.max_cache_entries) == ("batch", 1024, 10)
+    x, y = small_data()
+    model, _ = twin_models()
+    model.compile(loss="mse", optimizer=optimizer)
+    optimizer.build(model, x, y).minimize()  # the constructor's epochs
+    assert optimizer.iterations <= 4 and optimizer.results[-1].nit <= 4
+    assert type(kormos.optimizers.get("L-BFGS-B")) is kormos.ScipyBatchOptimizer
+    with pytest.raises(ValueError):
+        kormos.optimizers.get("invalid")
+    with pytest.raises(ValueError, match="`dtype` must be float64"):
+        kormos.optimizers.BatchOptimizer(dtype=tf.float32)
+    with pytest.warns(UserWarning, match="first argument is `name`.*method='bfgs'"):
+        kormos.ScipyBatchOptimizer("bfgs")
+
+
+# =============================================================================
 # Bad input: a clear error before the weights are touched
 # =============================================================================
 
@@ -1197,6 +1846,46 @@ def test_float32_precision_loss_warns_to_use_float64():
     with pytest.warns(UserWarning, match="float32.*set_floatx\\('float64'\\)"):
         model.fit(x, y, epochs=200, verbose=0, options={"gtol": 1e-12})
     assert "float32" in model.optimizer.results[-1].message
+
+
+def test_float32_stall_on_equal_losses_warns_and_says_so_in_the_result():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1000, 50))
+    y = x @ rng.normal(size=(50, 1))
+    messages = {}
+    for dtype in ("float32", "float64"):
+        with floatx(dtype):
+            model = linear_model(d=50, l2=1e-3, use_bias=False, kernel_initializer="ones")
+            model.compile(loss="mse", optimizer="l-bfgs-b")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                history = model.fit(x, y, epochs=100, verbose=0)
+        result = model.optimizer.results[-1]
+        messages[dtype] = (result.message, [str(w.message) for w in caught])
+    message, caught = messages["float32"]
+    # L-BFGS-B reports success on two equal float32 losses: kormos says why.
+    assert message.startswith("CONVERGENCE: RELATIVE REDUCTION OF F")
+    assert "float32 stall" in message and "set_floatx('float64')" in message
+    assert any("float32 stall" in text for text in caught)
+    last, before = history.history["loss"][-1], history.history["loss"][-2]
+    assert abs(last - before) <= np.finfo(np.float32).eps * last  # float32-equal
+    message, caught = messages["float64"]
+    assert "float32" not in message and not any("float32" in t for t in caught)
+
+
+def test_maxiter_is_the_budget_unless_epochs_is_given_and_then_epochs_wins(float64):
+    x, y = small_data()
+    model, _ = twin_models(width=8)
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    budget_free = {"gtol": 0, "ftol": 0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, verbose=0, options={"maxiter": 25, **budget_free})
+    assert not [w for w in caught if "maxiter" in str(w.message)]  # no conflict
+    assert len(history.history["loss"]) == 25
+    with pytest.warns(UserWarning, match="maxiter'\\]=25 and epochs=4.*epochs wins"):
+        history = model.fit(x, y, epochs=4, verbose=0, options={"maxiter": 25})
+    assert len(history.history["loss"]) == 4
 
 
 def test_nonneg_constraint_with_a_method_without_bounds_warns():
@@ -1441,7 +2130,7 @@ def test_dense_hessian_is_exact_for_least_squares(float64):
     optimizer = model.optimizer.build(model, x, y)
     n = len(x)
     a = np.hstack([x, np.ones((n, 1))])
-    expected = 2 * a.T @ a / n + 2 * float(np.float32(0.1)) * np.diag([1.0, 1, 1, 0])
+    expected = 2 * a.T @ a / n + 2 * effective_l2(0.1) * np.diag([1.0, 1, 1, 0])
     np.testing.assert_allclose(
         optimizer.hess(optimizer.get_weights()), expected, rtol=1e-10
     )
