@@ -2738,8 +2738,12 @@ class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if _is_functional_call(args, kwargs) and not issubclass(
-            cls, (_Functional, keras.Sequential)
+        # Inputs and outputs that reach keras.Model.__init__ unchanged (no
+        # constructor of the subclass's own in between) make it functional.
+        if (
+            cls.__init__ is keras.Model.__init__
+            and _is_functional_call(args, kwargs)
+            and not issubclass(cls, _Functional)
         ):
             cls = _with_functional_base(cls)
         return super().__new__(cls, *args, **kwargs)
