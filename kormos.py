@@ -31,6 +31,7 @@ __all__ = [
 
 import contextlib
 import inspect
+import itertools
 import math
 import signal
 import sys
@@ -63,34 +64,16 @@ if keras.config.backend() != "tensorflow":
 
 #: Every method name of `scipy.optimize.minimize`, lower case.
 METHODS = (
-    "l-bfgs-b",
-    "bfgs",
-    "cg",
-    "newton-cg",
-    "trust-ncg",
-    "trust-krylov",
-    "trust-exact",
-    "dogleg",
-    "trust-constr",
-    "tnc",
-    "slsqp",
-    "nelder-mead",
-    "powell",
-    "cobyla",
-    "cobyqa",
+    *("l-bfgs-b", "bfgs", "cg", "newton-cg", "trust-ncg", "trust-krylov"),
+    *("trust-exact", "dogleg", "trust-constr", "tnc", "slsqp", "nelder-mead"),
+    *("powell", "cobyla", "cobyqa"),
 )
 _DERIVATIVE_FREE = ("nelder-mead", "powell", "cobyla", "cobyqa")
 _HESSP_METHODS = ("newton-cg", "trust-ncg", "trust-krylov", "trust-constr")
 _HESS_METHODS = ("trust-exact", "dogleg")
 _BOUNDS_METHODS = (
-    "l-bfgs-b",
-    "tnc",
-    "slsqp",
-    "trust-constr",
-    "powell",
-    "nelder-mead",
-    "cobyla",
-    "cobyqa",
+    *("l-bfgs-b", "tnc", "slsqp", "trust-constr", "powell", "nelder-mead"),
+    *("cobyla", "cobyqa"),
 )
 _CONSTRAINT_METHODS = ("slsqp", "trust-constr", "cobyla", "cobyqa")
 # Methods that hold an n x n float64 matrix: how many of them, roughly.
@@ -114,7 +97,7 @@ def _canonical_method(method, argname="method"):
 
 
 def _method_name(method):
-    """Returns the method's name for tables and messages ("custom" if callable)."""
+    """Returns the method's name, or "custom" for a custom minimizer."""
     return method if isinstance(method, str) else "custom"
 
 
@@ -126,12 +109,8 @@ def _method_name(method):
 def pack_weights(variables):
     """Concatenates `variables` into one flat float64 numpy vector.
 
-    Example:
-
-    ```python
-    x = kormos.pack_weights(model.trainable_variables)
-    kormos.unpack_weights(2 * x, model.trainable_variables)
-    ```
+    Example: `x = kormos.pack_weights(model.trainable_variables)`, then
+    `kormos.unpack_weights(2 * x, model.trainable_variables)`.
 
     Args:
         variables: A list of Keras variables (or tensors or arrays).
@@ -149,15 +128,8 @@ def pack_weights(variables):
 def unpack_weights(x, variables):
     """Assigns the flat vector `x` back into `variables`, in order.
 
-    Values are cast to each variable's dtype. Nothing is assigned unless `x`
-    has exactly as many entries as `variables` hold.
-
-    Example:
-
-    ```python
-    x = kormos.pack_weights(model.trainable_variables)
-    kormos.unpack_weights(np.zeros_like(x), model.trainable_variables)
-    ```
+    The inverse of `pack_weights`. Values are cast to each variable's dtype.
+    Nothing is assigned unless `x` has as many entries as `variables` hold.
 
     Args:
         x: A 1-D array-like of size `sum(v.size for v in variables)`.
@@ -221,16 +193,13 @@ _DEFAULT_MAX_DATASET_BYTES = 256 * 2**20
 
 
 class _Data:
-    """The training (or validation) data of one fit, ready to loop over.
-
-    Either `tensors` holds in-memory `(x, y, sample_weight)` tensors that are
-    sliced `batch_size` rows at a time, or `dataset` is a batched
-    `tf.data.Dataset` of `(x, y, sample_weight)` read at every evaluation.
-    """
+    """The training (or validation) data of one fit: in-memory `tensors`
+    `(x, y, sample_weight)` sliced `batch_size` rows at a time, or a batched
+    `dataset` of them, read at every evaluation."""
 
     def __init__(self, tensors=None, batch_size=None, dataset=None):
-        self.tensors = tensors  # (x, y, sample_weight) nests of tensors, or None
-        self.dataset = dataset  # a batched tf.data.Dataset, or None
+        self.tensors = tensors
+        self.dataset = dataset
         self.size = _check_lengths(*tensors) if tensors is not None else None
         self.batch_size = min(batch_size or self.size, self.size) if self.size else None
 
@@ -252,12 +221,7 @@ class _Data:
         if self.tensors is None:
             return {"x": self.dataset}
         x, y, sample_weight = self.tensors
-        return {
-            "x": x,
-            "y": y,
-            "sample_weight": sample_weight,
-            "batch_size": self.batch_size,
-        }
+        return dict(x=x, y=y, sample_weight=sample_weight, batch_size=self.batch_size)
 
 
 def _map_tensors(fn, nest):
@@ -265,33 +229,20 @@ def _map_tensors(fn, nest):
     return tf.nest.map_structure(lambda t: None if t is None else fn(t), nest)
 
 
-def _make_data(
-    model,
-    x,
-    y=None,
-    sample_weight=None,
-    batch_size=None,
-    class_weight=None,
-    steps=None,
-    max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES,
-    argname="x",
-):
-    """Checks user data and returns it as a `_Data`.
-
-    `x` may be anything Keras' `fit()` takes: arrays, tensors, pandas objects,
-    a list or dict of them, a `tf.data.Dataset`, a `keras.utils.PyDataset`
-    or a Python generator of batches.
+def _make_data(model, x, y=None, sample_weight=None, batch_size=None,
+               class_weight=None, steps=None, max_bytes=None, argname="x"):
+    """Checks user data in any form Keras' `fit()` takes; returns a `_Data`.
 
     Raises:
-        ValueError: for an input type that Keras' `fit()` does not take,
-            empty data, mismatched lengths, string data, a dataset of the
-            wrong structure, an infinite dataset without `steps` or a
-            non-positive `batch_size`.
+        ValueError: For an input type that Keras does not take, empty data,
+            mismatched lengths, strings, a dataset of the wrong structure or
+            an infinite one without `steps`.
     """
-    _check_batch_size(batch_size)
+    _check_positive_int(batch_size, "batch_size", "or None (all rows in one batch)")
     if x is None:
         raise ValueError(f"`{argname}` is required. Received: {argname}=None")
     if _is_batch_source(x):
+        max_bytes = max_bytes or _DEFAULT_MAX_DATASET_BYTES
         if y is not None or sample_weight is not None:
             raise ValueError(
                 f"When `{argname}` is a dataset, a `PyDataset` or a generator, "
@@ -299,9 +250,7 @@ def _make_data(
                 f"or `(x, y, sample_weight)`. Received: y={type(y).__name__}, "
                 f"sample_weight={type(sample_weight).__name__}"
             )
-        return _batch_source_data(
-            model, x, class_weight, steps, max_dataset_bytes, argname
-        )
+        return _batch_source_data(model, x, class_weight, steps, max_bytes, argname)
     x, y, sample_weight = (
         None if part is None else _to_tensors(part, name, model.compute_dtype)
         for part, name in ((x, argname), (y, "y"), (sample_weight, "sample_weight"))
@@ -309,18 +258,6 @@ def _make_data(
     if class_weight is not None:
         sample_weight = _apply_class_weight(y, sample_weight, class_weight)
     return _Data((x, y, sample_weight), batch_size)
-
-
-def _check_batch_size(batch_size):
-    if batch_size is not None and (
-        not isinstance(batch_size, (int, np.integer))
-        or isinstance(batch_size, bool)
-        or batch_size <= 0
-    ):
-        raise ValueError(
-            "`batch_size` must be a positive integer or None (all samples in "
-            f"one batch). Received: batch_size={batch_size!r}"
-        )
 
 
 def _is_batch_source(x):
@@ -331,16 +268,11 @@ def _is_batch_source(x):
 
 
 def _to_tensors(data, name, dtype):
-    """Converts a nest of array-likes to tensors, rejecting other types.
-
-    Floating-point arrays are cast to the model's compute `dtype` once here,
-    rather than at every evaluation.
-    """
+    """Converts a nest of array-likes to tensors, casting floats to `dtype`."""
 
     def convert(leaf):
-        if hasattr(leaf, "to_numpy"):  # pandas
-            leaf = leaf.to_numpy()
-        array = leaf if tf.is_tensor(leaf) else np.asarray(leaf)
+        array = leaf.to_numpy() if hasattr(leaf, "to_numpy") else leaf  # pandas
+        array = array if tf.is_tensor(array) else np.asarray(array)
         kind = array.dtype.name if tf.is_tensor(array) else array.dtype.kind
         if kind in ("string", "O", "U", "S"):
             raise ValueError(
@@ -350,31 +282,21 @@ def _to_tensors(data, name, dtype):
                 f"{array.dtype}"
             )
         tensor = tf.convert_to_tensor(array)
-        if tensor.dtype.is_floating and tensor.dtype != dtype:
-            tensor = tf.cast(tensor, dtype)
-        return tensor
+        return tf.cast(tensor, dtype) if tensor.dtype.is_floating else tensor
 
     if isinstance(data, dict):
         return {k: convert(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)) and not _is_plain_sequence(data):
-        return type(data)(convert(v) for v in data)
-    if not (tf.is_tensor(data) or hasattr(data, "__array__") or _is_plain(data)):
+    if isinstance(data, (list, tuple)) and not all(np.isscalar(v) for v in data):
+        return type(data)(convert(v) for v in data)  # several inputs
+    if not (tf.is_tensor(data) or hasattr(data, "__array__") or np.isscalar(data)
+            or isinstance(data, (list, tuple))):
         raise ValueError(
-            f"Unrecognized data type: `{name}` must be an array, a tensor, a "
-            "pandas object, a list or dict of them, a `tf.data.Dataset`, a "
-            "`keras.utils.PyDataset` or a Python generator. Received: "
+            f"Unrecognized data type: `{name}` must be an array, a tensor, "
+            "a pandas object, a list or dict of them, a `tf.data.Dataset`, "
+            "a `keras.utils.PyDataset` or a Python generator. Received: "
             f"{name} of type {type(data).__name__}"
         )
     return convert(data)
-
-
-def _is_plain(data):
-    return isinstance(data, (list, tuple, int, float, np.number))
-
-
-def _is_plain_sequence(data):
-    """True for a list of numbers (one array), False for a list of arrays."""
-    return len(data) > 0 and all(np.isscalar(v) for v in data)
 
 
 def _check_lengths(x, y, sample_weight):
@@ -395,10 +317,9 @@ def _check_lengths(x, y, sample_weight):
             "All inputs, targets and sample weights must have the same number "
             f"of samples (rows). Received sample counts {detail}"
         )
-    size = all_sizes.pop()
-    if size == 0:
+    if 0 in all_sizes:
         raise ValueError("The training data is empty: `x` has 0 samples.")
-    return size
+    return all_sizes.pop()
 
 
 def _apply_class_weight(y, sample_weight, class_weight):
@@ -415,8 +336,7 @@ def _apply_class_weight(y, sample_weight, class_weight):
         )
     labels = tf.nest.flatten(y)[0]
     table = np.ones(max(class_weight) + 1, dtype=np.float64)
-    for label, weight in class_weight.items():
-        table[int(label)] = weight
+    table[list(map(int, class_weight))] = list(class_weight.values())
     if labels.shape.rank and labels.shape.rank > 1 and (labels.shape[-1] or 0) > 1:
         labels = tf.argmax(labels, axis=-1)  # one-hot
     labels = tf.reshape(tf.cast(tf.round(tf.cast(labels, tf.float64)), tf.int32), [-1])
@@ -429,48 +349,48 @@ def _apply_class_weight(y, sample_weight, class_weight):
 def _batch_source_data(model, source, class_weight, steps, max_bytes, argname):
     """Returns the batches of a dataset, `PyDataset` or generator as `_Data`.
 
-    A source that fits in `max_bytes` is read once into in-memory tensors
-    (its own batch size kept); a larger `tf.data.Dataset` or `PyDataset`
-    is streamed at every evaluation. A generator can be read only once, so
-    it must fit.
+    A source that fits in `max_bytes` is read once into in-memory tensors,
+    its own batch size kept; a larger dataset or `PyDataset` is streamed at
+    every evaluation. A generator can be read only once, so it must fit.
     """
 
-    def normalize(batch):
-        x, y, sw = keras.utils.unpack_x_y_sample_weight(_as_tuple(batch))
+    def normalize(*batch):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(batch)
         if class_weight is not None:
             sw = _apply_class_weight(y, sw, class_weight)
         return x, y, sw
 
+    stream, count = _as_stream(source, steps, argname)
+    batches = itertools.islice(source, steps) if stream is None else iter(stream)
+    data = _read_into_memory(model, batches, count, max_bytes, normalize, argname)
+    if data is not None:
+        return data
+    if stream is None:
+        raise ValueError(
+            f"The generator passed as `{argname}` holds more than "
+            f"max_dataset_bytes={max_bytes} bytes, or batches of different "
+            "shapes. A generator can be read only once, and a full-batch "
+            "solver needs every batch at every evaluation: pass a "
+            "`tf.data.Dataset` or a `keras.utils.PyDataset`, or raise the "
+            "optimizer's `max_dataset_bytes`."
+        )
+    return _Data(dataset=stream.map(normalize))
+
+
+def _as_stream(source, steps, argname):
+    """Returns `(dataset, batches)`: the source as a `tf.data.Dataset` (None
+    for a generator, which can be read only once) and its number of batches
+    (None if unknown)."""
     if inspect.isgenerator(source):
-        batches = _read_batches(source, steps, max_bytes, argname)
-        if batches is None:
-            raise ValueError(
-                f"The generator passed as `{argname}` yields more than "
-                f"max_dataset_bytes={max_bytes} bytes. A generator can be read "
-                "only once, and a full-batch solver needs every batch at every "
-                "evaluation: pass a `tf.data.Dataset` or a `keras.utils.PyDataset`"
-                " (streamed when large), or raise `max_dataset_bytes` of the "
-                "optimizer."
-            )
-        return _concatenated(model, [normalize(b) for b in batches], argname)
-    dataset = _as_dataset(source, steps, argname)
-    dataset = dataset.map(lambda *element: normalize(element))
-    batches = _read_batches(iter(dataset), None, max_bytes, argname, dataset)
-    if batches is not None:
-        data = _concatenated(model, batches, argname)
-        if data is not None:
-            return data
-    return _Data(dataset=dataset)
-
-
-def _as_tuple(element):
-    return element if isinstance(element, tuple) else (element,)
-
-
-def _as_dataset(source, steps, argname):
-    """Returns a `tf.data.Dataset` of the batches of a dataset or `PyDataset`."""
+        return None, steps
     if isinstance(source, keras.utils.PyDataset):
-        source = _py_dataset_as_tf_dataset(source, steps, argname)
+        count = source.num_batches if steps is None else steps
+        if count is None:
+            raise ValueError(
+                f"The `PyDataset` passed as `{argname}` is infinite. Pass "
+                "`steps_per_epoch` to say how many batches make up the data."
+            )
+        source = _py_dataset_as_dataset(source, count)
     spec = source.element_spec
     if isinstance(spec, tuple) and not 1 <= len(spec) <= 3:
         raise ValueError(
@@ -479,90 +399,63 @@ def _as_dataset(source, steps, argname):
             f"tuple of {len(spec)} elements: {spec}"
         )
     if steps is not None:
-        return source.take(steps)
-    if source.cardinality() == tf.data.INFINITE_CARDINALITY:
+        source = source.take(steps)
+    elif source.cardinality() == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             f"The dataset passed as `{argname}` is infinite (it repeats). "
             "Pass `steps_per_epoch` to say how many batches make up the full "
             "data set, or remove `.repeat()`."
         )
-    return source
+    count = int(source.cardinality())
+    return source, count if count >= 0 else None
 
 
-def _py_dataset_as_tf_dataset(py_dataset, steps, argname):
-    """Wraps a `keras.utils.PyDataset` (indexable batches) as a dataset."""
-    count = steps if steps is not None else _py_dataset_length(py_dataset)
-    if count is None:
-        raise ValueError(
-            f"The `PyDataset` passed as `{argname}` is infinite. Pass "
-            "`steps_per_epoch` to say how many batches make up the full data."
-        )
+def _py_dataset_as_dataset(py_dataset, count):
+    """Wraps the first `count` batches of a `keras.utils.PyDataset`."""
 
     def batches():
         for i in range(count):
-            yield tuple(
-                tf.nest.map_structure(np.asarray, _as_tuple(py_dataset[i]))
-            )
+            yield _numpy(_as_tuple(py_dataset[i]))
 
-    first = tuple(tf.nest.map_structure(np.asarray, _as_tuple(py_dataset[0])))
-    signature = tf.nest.map_structure(
-        lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)), first
+    spec = tf.nest.map_structure(
+        lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)),
+        _numpy(_as_tuple(py_dataset[0])),
     )
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _py_dataset_length(py_dataset):
-    """Returns the number of batches of a `PyDataset` (None if infinite)."""
-    # `num_batches` came with Keras 3.3; earlier PyDatasets only define len().
-    if hasattr(py_dataset, "num_batches"):
-        return py_dataset.num_batches
-    return len(py_dataset)
+def _read_into_memory(model, batches, count, max_bytes, normalize, argname):
+    """Joins `batches` into in-memory `_Data`, keeping their batch size.
 
-
-def _read_batches(iterator, steps, max_bytes, argname, dataset=None):
-    """Reads batches into numpy arrays, or returns None beyond `max_bytes`.
-
-    For a dataset of known size, the size is estimated from its first batch
-    before anything else is read.
+    Returns None when they hold more than `max_bytes` (estimated from the
+    first batch when `count` is known), or cannot be joined (shapes differ).
     """
-    batches, total = [], 0
-    for i, batch in enumerate(iterator):
-        if steps is not None and i >= steps:
-            break
-        batch = tf.nest.map_structure(_numpy_leaf, batch)
+    read, total = [], 0
+    for batch in batches:
+        batch = _numpy(normalize(*_as_tuple(batch)))
         total += sum(a.nbytes for a in tf.nest.flatten(batch) if a is not None)
-        if i == 0 and dataset is not None and dataset.cardinality() > 0:
-            if total * int(dataset.cardinality()) > max_bytes:
-                return None
-        if total > max_bytes:
+        if total * (count if count and not read else 1) > max_bytes:
             return None
-        batches.append(batch)
-    if not batches:
+        read.append(batch)
+    if not read:
         raise ValueError(f"`{argname}` is empty: it yields no batch.")
-    return batches
-
-
-def _numpy_leaf(leaf):
-    return None if leaf is None else np.asarray(leaf)
-
-
-def _concatenated(model, batches, argname):
-    """Joins batches of `(x, y, sample_weight)` into in-memory `_Data`.
-
-    Returns None when the batches cannot be joined (their shapes differ).
-    """
-    first = batches[0]
     try:
-        joined = tf.nest.map_structure(
-            lambda *parts: None if parts[0] is None else np.concatenate(parts),
-            *batches,
+        x, y, sample_weight = tf.nest.map_structure(
+            lambda *parts: None if parts[0] is None else np.concatenate(parts), *read
         )
     except (ValueError, TypeError):
         return None
-    x, y, sample_weight = joined
-    rows = len(tf.nest.flatten(first[0])[0])
+    rows = len(tf.nest.flatten(read[0][0])[0])
     return _make_data(model, x, y, sample_weight, rows, argname=argname)
+
+
+def _as_tuple(element):
+    return element if isinstance(element, tuple) else (element,)
+
+
+def _numpy(nest):
+    return _map_tensors(np.asarray, nest)
 
 
 def _split_validation(x, y, sample_weight, validation_split):
@@ -582,26 +475,22 @@ def _split_validation(x, y, sample_weight, validation_split):
     )
     size = len(tf.nest.flatten(arrays[0])[0])
     split = int(math.floor(size * (1.0 - validation_split)))
-    if split == 0 or split == size:
+    if split in (0, size):
         raise ValueError(
             f"`validation_split={validation_split}` leaves no training or no "
             f"validation samples out of {size}."
         )
-    train = _map_tensors(lambda t: t[:split], arrays)
-    validation = _map_tensors(lambda t: t[split:], arrays)
-    return train, validation
+    return _map_tensors(lambda t: t[:split], arrays), _map_tensors(
+        lambda t: t[split:], arrays
+    )
 
 
 def _make_validation(model, validation_data, batch_size, steps, max_bytes):
-    """Returns validation data as `_Data` (Keras' accepted forms)."""
+    """Returns validation data (in any form Keras takes) as `_Data`."""
     if _is_batch_source(validation_data):
-        return _make_data(
-            model,
-            validation_data,
-            steps=steps,
-            max_dataset_bytes=max_bytes,
-            argname="validation_data",
-        )
+        argname = "validation_data"
+        return _make_data(model, validation_data, steps=steps, max_bytes=max_bytes,
+                          argname=argname)
     if not isinstance(validation_data, (tuple, list)) or not (
         2 <= len(validation_data) <= 3
     ):
@@ -658,29 +547,23 @@ def _align_target(y, y_pred):
 class _Objective:
     """The full-data loss of a model as compiled functions of its weight vector.
 
-    `fg(x)` assigns the float64 vector `x` to the trainable variables, runs
-    over every batch of the bound data in ONE compiled TensorFlow call and
-    returns the loss, its flat float64 gradient and the compiled metrics on
-    all the data. `hessp(x, v)` likewise returns H(x) @ v, by reverse-over-
-    reverse differentiation (it works for every layer).
-
-    The loss is `model.compute_loss` (the compiled losses with their
-    `loss_weights` and sample weights, plus regularization), evaluated with
-    `training=False` and combined over batches so that it does not depend on
-    `batch_size`: batch losses are averaged, weighted by rows, as `evaluate()`
-    does, or summed when every compiled loss sums over samples
-    (`reduction="sum"`); weight regularization counts once. Under a
-    `tf.distribute` strategy each batch is split over the replicas with
-    `strategy.run` and the replicas' terms are summed.
+    `fg(x)` assigns the float64 vector `x` to the trainable variables and, in
+    ONE compiled call over every batch, returns the loss, its float64
+    gradient and the compiled metrics; `hessp(x, v)` returns H(x) @ v by
+    reverse-over-reverse differentiation (it works for every layer). The loss
+    is `model.compute_loss` with `training=False`, combined over batches so
+    that `batch_size` does not change it: averaged, weighted by rows, as
+    `evaluate()` does, or summed where every compiled loss sums over samples;
+    weight regularization counts once. Under `tf.distribute`, each batch is
+    split over the replicas with `strategy.run` and their terms are summed.
     """
 
     def __init__(self, model, xla=False, xla_optional=False):
         self.model = model
         self.variables = list(model.trainable_variables)  # the order of `x`
         self.size = sum(_sizes(self.variables))
-        self.xla = xla  # compile with XLA ...
-        self.xla_optional = xla_optional  # ... or fall back to a plain graph
-        self.fell_back = False  # XLA could not compile the model
+        # Compile with XLA, or fall back to a plain graph if it cannot.
+        self.xla, self.xla_optional, self.fell_back = xla, xla_optional, False
         self.unused_variables = []  # paths without a gradient, seen when traced
         self.strategy = model.distribute_strategy
         self.replicas = self.strategy.num_replicas_in_sync
@@ -695,13 +578,9 @@ class _Objective:
             getattr(v, "regularizer", None) is not None for v in model.trainable_weights
         ) and (self.weighting == "sum" or self.distributed)
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
-        self.loss_kwargs = (
-            {"training": False}
-            if "training" in inspect.signature(model.compute_loss).parameters
-            else {}
-        )
-        self.data = None
-        self._stream = None  # what the compiled functions iterate, for datasets
+        takes_training = "training" in inspect.signature(model.compute_loss).parameters
+        self.loss_kwargs = {"training": False} if takes_training else {}
+        self.data, self._stream = None, None  # a dataset is iterated as _stream
         self._functions = {}  # (kind, whole pass?) -> (function, plain fallback)
         self._calls = {}  # kind -> the traced function for the bound data
         self.assign = _concrete(
@@ -734,10 +613,8 @@ class _Objective:
     def _call(self, kind, *vectors):
         data = self.data
         in_memory = data.tensors is not None and not self.distributed
-        if in_memory:
-            args = (*vectors, data.tensors, data.batch_size)
-        else:
-            args = (*vectors, None, None)
+        source = (data.tensors, data.batch_size) if in_memory else (None, None)
+        args = (*vectors, *source)
         if kind in self._calls:
             return self._calls[kind](*args)
         function, plain = self._function(kind, in_memory and data.num_batches == 1)
@@ -777,13 +654,10 @@ class _Objective:
             return self._compiled(run, jit_compile)
 
         plain = traced(terms)
-        if not self.xla:
-            functions = (plain, None)
-        else:
-            if whole:
-                with_xla = traced(terms, jit_compile=True)
-            else:
-                with_xla = traced(self._compiled(terms, jit_compile=True))
+        functions = (plain, None)
+        if self.xla:
+            step = terms if whole else self._compiled(terms, jit_compile=True)
+            with_xla = traced(step, jit_compile=whole)
             functions = (with_xla, plain if self.xla_optional else None)
         self._functions[kind, whole] = functions
         return functions
@@ -815,10 +689,8 @@ class _Objective:
         if self.separate_regularization:
             scale = 1.0 if self.weighting == "mean" else 1.0 / self.replicas
             loss = loss - scale * _weight_regularization(self.model)
-        if self.weighting == "mean":
-            weight = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float64)
-        else:
-            weight = tf.constant(1.0, tf.float64)
+        rows = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float64)
+        weight = rows if self.weighting == "mean" else tf.ones((), tf.float64)
         return weight, weight * loss, y, y_pred
 
     def _fg_terms(self, x, y, sample_weight):
@@ -833,15 +705,14 @@ class _Objective:
         return weight, loss, _flatten_float64(grads, self.variables)
 
     def _hessp_terms(self, x, y, sample_weight, vs):
-        weight = None
+        terms = []  # the weight and weighted loss, from inside the tapes
 
         def weighted_loss():
-            nonlocal weight
-            weight, loss, _, _ = self._weighted_loss(x, y, sample_weight)
-            return loss
+            terms[:] = self._weighted_loss(x, y, sample_weight)[:2]
+            return terms[1]
 
         hv = self._hessian_times(weighted_loss, vs)
-        return weight, hv
+        return terms[0], hv
 
     def _hessian_times(self, value_fn, vs):
         """Returns H @ v of the scalar `value_fn()`, by reverse-over-reverse."""
@@ -959,10 +830,8 @@ class _Objective:
 def _concrete(function, args):
     """Returns the traced concrete function of a `tf.function` for `args`.
 
-    kormos calls each function many times with arguments of one signature;
-    calling the concrete function skips tf.function's argument matching on
-    every call (and its warning about frequent tracing when many optimizers
-    trace the same code). An eager function is returned as it is.
+    Calling it skips tf.function's argument matching at every evaluation (and
+    its frequent-tracing warning when many optimizers trace the same code).
     """
     if hasattr(function, "get_concrete_function"):
         return function.get_concrete_function(*args)
@@ -977,12 +846,8 @@ def _batch_weighting(model):
     """
     if type(model).compute_loss is not keras.Model.compute_loss:
         return None
-    reductions = {
-        getattr(keras.losses.get(loss) if isinstance(loss, str) else loss,
-                "reduction", "sum_over_batch_size")
-        for loss in tf.nest.flatten(model.loss)
-        if loss is not None
-    }
+    losses = [keras.losses.get(loss) for loss in tf.nest.flatten(model.loss) if loss]
+    reductions = {getattr(loss, "reduction", "sum_over_batch_size") for loss in losses}
     if reductions == {"sum"}:
         return "sum"
     if reductions <= {"sum_over_batch_size", "mean"}:
@@ -1028,20 +893,21 @@ def _weight_regularization(model):
 
 
 def _probe_model(model, data):
-    """Builds the model and its metrics on a few rows, and checks its loss.
+    """Builds the model and its metrics on a few rows and checks its loss;
+    returns how many loss terms `add_loss` or activity regularizers add per
+    call (they are computed per batch).
 
-    An unbuilt subclassed model is first built symbolically, with an unknown
-    batch size, as Keras' own `fit()` does. Keras creates metric variables
-    lazily; creating them here, eagerly, keeps tf.function from tracing
-    variable creation.
-
-    Returns:
-        The number of loss terms that `add_loss` or activity regularizers
-        added per call (they are computed per batch).
+    An unbuilt subclassed model is built symbolically first, with an unknown
+    batch size, as Keras' own `fit()` does. Metric variables are created here,
+    eagerly, so that tf.function never traces a variable creation.
     """
     x, y, sample_weight = data.first_batch()
     if not model.built:
-        _build_symbolically(model, x)
+        symbolic = tf.nest.map_structure(
+            lambda t: keras.KerasTensor((None, *t.shape[1:]), dtype=t.dtype.name), x
+        )
+        with contextlib.suppress(Exception):  # some models build on real data only
+            model(symbolic, training=False)
     y_pred = model(x, training=False)
     y = _align_targets(y, y_pred)
     try:
@@ -1061,26 +927,14 @@ def _probe_model(model, data):
     return len(model.losses) - len(regularized)
 
 
-def _build_symbolically(model, x):
-    """Builds `model` on symbolic inputs of `x`'s shapes, batch size unknown."""
-    symbolic = tf.nest.map_structure(
-        lambda t: keras.KerasTensor((None, *t.shape[1:]), dtype=t.dtype.name), x
-    )
-    try:
-        model(symbolic, training=False)
-    except Exception:  # noqa: BLE001 - some models build only on real data
-        pass
-
-
 def _xla_choice(model, jit_compile):
     """Returns `(xla, optional)`: compile with XLA, and may kormos fall back.
 
-    `jit_compile=True` asks for XLA (errors propagate) and `False` forbids
-    it. For `"auto"`, Keras uses XLA on GPUs where every layer supports it
-    and never on CPUs; kormos also uses it on CPUs for models with an
-    `Embedding` layer, whose gathers XLA runs several times faster
-    (benchmarks/bench.py, "mf" row), falling back to a plain graph if XLA
-    cannot compile the model. The choice depends only on the model.
+    `jit_compile=True` asks for XLA and `False` forbids it. Under `"auto"`,
+    Keras uses XLA on GPUs (where every layer supports it) and never on CPUs;
+    kormos also uses it on CPUs for models with an `Embedding` layer, whose
+    gathers XLA runs several times faster (benchmarks/bench.py, "mf" row),
+    with a fall-back to a plain graph. The choice depends only on the model.
     """
     if jit_compile is True:
         return True, False
@@ -1111,31 +965,24 @@ def _all_layers(model):
 ###############################################################################
 
 _DEFAULT_EPOCHS = 20
-
 # `OptimizeResult.status` of runs that kormos ended (99 is scipy's own code
 # for a callback that raised StopIteration).
-_STATUS_BUDGET_USED = 1
-_STATUS_INTERRUPTED = 97
-_STATUS_NOT_FINITE = 98
+_STATUS_BUDGET_USED, _STATUS_INTERRUPTED, _STATUS_NOT_FINITE = 1, 97, 98
 _STATUS_STOPPED = 99
+_STOPPED_EARLY = (_STATUS_INTERRUPTED, _STATUS_NOT_FINITE, _STATUS_STOPPED)
 
 
 class BatchOptimizer:
     """Binds a model and its full training data into a scipy-shaped objective.
 
-    A `BatchOptimizer` turns a compiled Keras model and its training data into
-    the callables that `scipy.optimize.minimize` takes, over the flat float64
-    vector of the model's trainable weights:
-
-    - `func_and_grad(x) -> (float, np.ndarray)`, `func(x)`, `grad(x)`;
-    - `hessp(x, v) -> np.ndarray`, the exact Hessian-vector product;
-    - `hess(x)`, the dense Hessian (small models only).
-
-    Each evaluation is ONE compiled TensorFlow call that assigns `x`, loops
-    over every mini-batch, and accumulates the loss and its derivatives in
-    float64. The last `max_cache_entries` evaluations are remembered, so that
-    logging an iterate the solver has just evaluated costs nothing.
-    Subclasses implement `minimize()`; see `ScipyBatchOptimizer`.
+    Over the flat float64 vector `x` of the model's trainable weights it
+    offers what `scipy.optimize.minimize` takes: `func_and_grad(x)`,
+    `func(x)`, `grad(x)`, the exact Hessian-vector product `hessp(x, v)` and
+    the dense Hessian `hess(x)` (small models only). Each evaluation is ONE
+    compiled TensorFlow call over every mini-batch, accumulated in float64.
+    The last `max_cache_entries` evaluations are remembered, so logging an
+    iterate the solver has just evaluated costs nothing. Subclasses
+    implement `minimize()`; see `ScipyBatchOptimizer`.
 
     Example:
 
@@ -1147,18 +994,17 @@ class BatchOptimizer:
 
     Args:
         name: Name of the optimizer. Defaults to `"batchoptimizer"`.
-        batch_size: Rows per mini-batch of an evaluation, when `fit()` or
-            `build()` is not given one; it bounds memory and does not change
-            the loss. Defaults to `None` (all rows in one batch).
-        max_cache_entries: How many evaluated points to remember.
-            Defaults to `2`, enough for every scipy method.
-        dtype: The dtype of the solver's vectors: scipy's solvers work in
-            float64 only. Defaults to `"float64"`.
+        batch_size: Rows per mini-batch when `fit()` or `build()` is given
+            none; it bounds memory, not the loss. Defaults to `None` (all
+            rows in one batch).
+        max_cache_entries: How many evaluated points to remember. Defaults
+            to `2`, enough for every scipy method.
+        dtype: The solver's dtype; scipy's solvers work in float64 only.
         max_dataset_bytes: A finite `tf.data.Dataset`, `PyDataset` or
-            generator holding at most this many bytes is read into memory
-            once, so that each evaluation costs what arrays cost; a larger
-            dataset is streamed at every evaluation (a generator, which can
-            be read only once, must fit). Defaults to 256 MiB.
+            generator of at most this many bytes is read into memory once,
+            so that an evaluation costs what arrays cost; a larger dataset
+            is streamed at every evaluation, and a generator, which can be
+            read only once, must fit. Defaults to 256 MiB.
     """
 
     def __init__(
@@ -1169,13 +1015,19 @@ class BatchOptimizer:
         dtype="float64",
         max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES,
     ):
-        _check_batch_size(batch_size)
+        _check_positive_int(batch_size, "batch_size", "or None (all rows in one batch)")
         _check_positive_int(max_cache_entries, "max_cache_entries")
         _check_positive_int(max_dataset_bytes, "max_dataset_bytes")
+        if tf.as_dtype(dtype) != tf.float64:
+            raise ValueError(
+                "`dtype` must be float64: scipy's solvers work on float64 "
+                "vectors (the model itself may compute in float32). "
+                f"Received: dtype={dtype!r}"
+            )
         self.name = name
         self.batch_size = batch_size
         self.max_cache_entries = int(max_cache_entries)
-        self.dtype = _check_solver_dtype(dtype)
+        self.dtype = "float64"
         self.max_dataset_bytes = int(max_dataset_bytes)
         # Keras' evaluate()/predict() build `model.optimizer` unless it is
         # built; a batch optimizer has no variables to build.
@@ -1188,10 +1040,9 @@ class BatchOptimizer:
         self._jit_compile = "auto"
         self._objective = None
         self._cache = []  # [(x, (loss, gradient, metrics), finite)], newest last
-        # The cached point the weights hold since the last evaluation, until a
-        # callback may have changed them; saves assigning an iterate the
-        # solver has just evaluated (at 1.86M weights, most of kormos' own
-        # time per iteration: benchmarks/bench.py, "large" row).
+        # The cached point the weights hold since the last evaluation, unless a
+        # callback ran: not assigning it again saves most of kormos' own time
+        # per iteration at 1.86M weights (benchmarks/bench.py, "large" row).
         self._holds = None
 
     @property
@@ -1201,30 +1052,23 @@ class BatchOptimizer:
 
     @property
     def jit_compile(self):
-        """XLA request of the model's `compile()`: `True`, `False` or "auto".
-
-        Setting it drops the compiled functions, so that the next `build()`
-        compiles anew.
-        """
+        """The XLA request of `compile()`: True, False or "auto". Setting it
+        drops the compiled functions."""
         return self._jit_compile
 
     @jit_compile.setter
     def jit_compile(self, value):
         if value not in (True, False, "auto"):
             raise ValueError(
-                "`jit_compile` must be True, False or 'auto'. "
-                f"Received: jit_compile={value!r}"
+                f"`jit_compile` must be True, False or 'auto'. Received: {value!r}"
             )
-        self._jit_compile = value
-        self._objective = None
+        self._jit_compile, self._objective = value, None
 
     @property
     def uses_xla(self):
         """Whether evaluations run XLA-compiled (False before `build()`)."""
         objective = self._objective
         return bool(objective and objective.xla and not objective.fell_back)
-
-    # -- Binding ---------------------------------------------------------------
 
     def build(
         self,
@@ -1236,46 +1080,31 @@ class BatchOptimizer:
         class_weight=None,
         steps=None,
     ):
-        """Binds `model` and its training data to this optimizer.
+        """Binds `model` and its training data to this optimizer; returns it.
 
         `model.fit()` does this itself; call it to use `func_and_grad`,
-        `hessp` or `minimize` directly. Nothing here changes the weights.
+        `hessp` or `minimize` directly. It does not change the weights.
 
         Args:
             model: A compiled Keras model.
-            x: Inputs, in any form `keras.Model.fit()` takes (arrays, tensors,
-                pandas, a list or dict of them, a `tf.data.Dataset`, a
-                `keras.utils.PyDataset` or a generator yielding `(x, y)` or
-                `(x, y, sample_weight)` batches). As in kormos 0.1's
-                `build(model, Xyw)`, a tuple `(x, y)` or `(x, y,
+            x: Inputs in any form `keras.Model.fit()` takes. As in kormos
+                0.1's `build(model, Xyw)`, a tuple `(x, y)` or `(x, y,
                 sample_weight)` with `y` left `None` is unpacked.
-            y: Targets, unless `x` yields them.
-            sample_weight: Optional per-sample weights.
+            y, sample_weight, class_weight: As in `fit()`.
             batch_size: Rows per mini-batch. Defaults to the optimizer's.
-            class_weight: Optional dict mapping class indices to weights.
-            steps: Batches of a dataset, `PyDataset` or generator that make
-                up the training data (required if it is infinite).
-
-        Returns:
-            This optimizer.
+            steps: The batches of a dataset, `PyDataset` or generator that
+                make up the data (required if it is infinite).
 
         Raises:
-            ValueError: For bad data, a model without a loss or without
+            ValueError: For bad data, or a model without a loss or without
                 trainable weights.
         """
-        if y is None and sample_weight is None and _is_xyw_tuple(x):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(x)
-        data = _make_data(
-            model,
-            x,
-            y,
-            sample_weight,
-            self.batch_size if batch_size is None else batch_size,
-            class_weight,
-            steps,
-            self.max_dataset_bytes,
-        )
-        self._bind(model, data)
+        if y is None and sample_weight is None and isinstance(x, tuple):
+            if 2 <= len(x) <= 3:  # kormos 0.1's Xyw
+                x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(x)
+        batch_size = self.batch_size if batch_size is None else batch_size
+        self._bind(model, _make_data(model, x, y, sample_weight, batch_size,
+                                     class_weight, steps, self.max_dataset_bytes))
         return self
 
     def _bind(self, model, data):
@@ -1288,12 +1117,9 @@ class BatchOptimizer:
         if data.num_batches != 1:
             _warn_if_batches_change_the_loss(model, per_batch_losses)
         objective = self._objective
-        if (
-            objective is None
-            or objective.model is not model
-            or [id(v) for v in objective.variables]
-            != [id(v) for v in model.trainable_variables]
-        ):
+        if objective is None or objective.model is not model or [
+            id(v) for v in objective.variables
+        ] != [id(v) for v in model.trainable_variables]:
             objective = _Objective(model, *_xla_choice(model, self._jit_compile))
         objective.bind(data)
         self.model, self._objective, self._cache = model, objective, []
@@ -1305,8 +1131,6 @@ class BatchOptimizer:
                 "`model.fit(...)` or `optimizer.build(model, x, y)` first."
             )
 
-    # -- The flat parameter vector ---------------------------------------------
-
     def get_weights(self):
         """Returns the trainable weights as one flat float64 vector."""
         self._require_built()
@@ -1315,21 +1139,15 @@ class BatchOptimizer:
     def set_weights(self, x):
         """Assigns the flat vector `x` to the trainable weights."""
         self._require_built()
-        if x is self._holds:  # the last evaluation left the model at `x`
-            return
-        self._objective.assign(tf.constant(_as_flat_float64(x, self._objective.size)))
-        self._holds = None
-
-    # -- Objective ---------------------------------------------------------------
+        if x is not self._holds:  # else the last evaluation left them at `x`
+            self._objective.assign(
+                tf.constant(_as_flat_float64(x, self._objective.size))
+            )
+            self._holds = None
 
     def func_and_grad(self, x):
-        """Returns the full-data loss and its gradient at `x`.
-
-        Args:
-            x: Flat float64 parameter vector.
-
-        Returns:
-            A tuple `(loss, gradient)`: a Python float and a float64 vector.
+        """Returns `(loss, gradient)` at the flat vector `x`: the full-data
+        loss (a float) and its float64 gradient.
 
         Raises:
             FloatingPointError: If the loss or the gradient is not finite.
@@ -1350,15 +1168,7 @@ class BatchOptimizer:
         return self._evaluate(x)[2]
 
     def hessp(self, x, v):
-        """Returns the exact Hessian-vector product H(x) @ v.
-
-        Args:
-            x: Flat float64 parameter vector.
-            v: Vector of the same size.
-
-        Returns:
-            A float64 vector.
-        """
+        """Returns the exact Hessian-vector product H(x) @ v (float64)."""
         self._require_built()
         n = self._objective.size
         x, v = _as_flat_float64(x, n), _as_flat_float64(v, n, "v")
@@ -1367,27 +1177,21 @@ class BatchOptimizer:
         return self._objective.hessp(tf.constant(x), tf.constant(v)).numpy()
 
     def hess(self, x):
-        """Returns the dense Hessian at `x`, one Hessian-vector product a column.
-
-        Use it only for small models: it costs `n` passes over the data and
-        `8 * n**2` bytes.
-        """
+        """Returns the dense Hessian at `x`, one `hessp` a column: `n` passes
+        over the data and `8 * n**2` bytes, so for small models only."""
         self._require_built()
         n = self._objective.size
-        columns = [self.hessp(x, np.eye(1, n, i).ravel()) for i in range(n)]
-        h = np.stack(columns, axis=1)
+        h = np.stack([self.hessp(x, np.eye(1, n, i).ravel()) for i in range(n)], 1)
         return 0.5 * (h + h.T)
 
     def _evaluate(self, x):
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        entry = self._cached(x) or self._compute(x)
-        _, value, finite = entry
+        _, value, finite = self._cached(x) or self._compute(x)
         if not finite:
-            loss = value[0]
-            what = "loss" if not np.isfinite(loss) else "gradient"
+            what = "loss" if not np.isfinite(value[0]) else "gradient"
             raise FloatingPointError(
-                f"The {what} is not finite (loss={loss}) at the current weights."
+                f"The {what} is not finite (loss={value[0]}) at the current weights."
             )
         return value
 
@@ -1397,11 +1201,10 @@ class BatchOptimizer:
         loss, gradient, metrics = self._objective.fg(x)
         metrics = {k: float(v) for k, v in metrics.items()}
         value = (float(loss), gradient.numpy(), metrics)
-        self.fg_evals += 1
         finite = bool(np.isfinite(value[0]) and np.all(np.isfinite(value[1])))
         entry = (x.numpy(), value, finite)  # the tensor's own buffer: no copy
         self._cache = (self._cache + [entry])[-self.max_cache_entries :]
-        self._holds = entry[0]
+        self.fg_evals, self._holds = self.fg_evals + 1, entry[0]
         _warn_unused_variables(self._objective)
         return entry
 
@@ -1413,26 +1216,15 @@ class BatchOptimizer:
                 return entry
         return None
 
-    # -- Solver ------------------------------------------------------------------
-
     def minimize(self, epochs=None, callback=None, pretrain_fn=None, **kwargs):
-        """Minimizes the bound objective from the current weights.
-
-        Subclasses implement it; see `ScipyBatchOptimizer.minimize`.
-
-        Returns:
-            The final weights as a flat float64 vector.
-        """
+        """Minimizes the bound objective from the current weights and returns
+        the final weights; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement `minimize()`.")
 
     def get_config(self):
         """Returns the constructor arguments, as Keras objects do."""
-        return {
-            "name": self.name,
-            "batch_size": self.batch_size,
-            "max_cache_entries": self.max_cache_entries,
-            "max_dataset_bytes": self.max_dataset_bytes,
-        }
+        names = ("name", "batch_size", "max_cache_entries", "max_dataset_bytes")
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
     def from_config(cls, config):
@@ -1443,31 +1235,17 @@ class BatchOptimizer:
         return f"{type(self).__name__}({self.get_config()})"
 
 
-def _check_positive_int(value, argname):
+def _check_positive_int(value, argname, or_none=None):
+    """Raises unless `value` is a positive integer (or None, if `or_none`
+    says what None means)."""
+    if value is None and or_none:
+        return
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        alternative = f" {or_none}" if or_none else ""
         raise ValueError(
-            f"`{argname}` must be a positive integer. Received: {argname}={value!r}"
+            f"`{argname}` must be a positive integer{alternative}. "
+            f"Received: {argname}={value!r}"
         )
-
-
-def _check_solver_dtype(dtype):
-    """Returns "float64", or raises: scipy's solvers work in float64 only."""
-    try:
-        name = tf.as_dtype(dtype).name
-    except TypeError:
-        name = None
-    if name != "float64":
-        raise ValueError(
-            "`dtype` must be float64: scipy's solvers work on float64 vectors "
-            "(the model itself may compute in float32). Received: "
-            f"dtype={dtype!r}"
-        )
-    return name
-
-
-def _is_xyw_tuple(x):
-    """True for kormos 0.1's `Xyw`: an `(x, y)` or `(x, y, w)` tuple."""
-    return isinstance(x, tuple) and 2 <= len(x) <= 3
 
 
 def _warn_if_batches_change_the_loss(model, per_batch_losses):
@@ -1497,37 +1275,28 @@ def _warn_unused_variables(objective):
 
 
 def _warn(message):
-    """Issues a `UserWarning` attributed to the caller's own code.
-
-    The warning points at the first frame outside kormos, Keras and
-    TensorFlow (usually the user's `fit()` call), however deep in kormos it
-    was raised. (Python 3.12's `skip_file_prefixes` does this by file path;
-    this walk uses module names, and works on Python 3.10 too.)
-    """
+    """Issues a `UserWarning` attributed to the caller's own code: the first
+    frame outside kormos, Keras and TensorFlow (Python 3.12's
+    `skip_file_prefixes` does this by file path; this works on 3.10 too)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and _is_library_module(frame.f_globals):
+    while frame is not None and (
+        frame.f_globals is globals()
+        or frame.f_globals.get("__name__", "").split(".")[0] in ("keras", "tensorflow")
+    ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
-
-
-def _is_library_module(module_globals):
-    name = module_globals.get("__name__", "")
-    return module_globals is globals() or name.split(".")[0] in ("keras", "tensorflow")
 
 
 class _Interrupts:
     """Ctrl-C during a fit: stop at the next safe point, keeping the weights.
 
-    While kormos fits (inside `deferred()`, in the main thread), the first
-    SIGINT only sets `requested`; the solver checks it at every evaluation
-    and iteration and ends the run at the last iterate, so an interrupt never
-    leaves the model between iterates or the History short of the model's
-    weights. A second SIGINT raises `KeyboardInterrupt` at once.
+    Inside `deferred()` (in the main thread) the first SIGINT only sets
+    `requested`, which the solver checks at every evaluation and iteration to
+    end at the last iterate; a second SIGINT raises `KeyboardInterrupt`.
     """
 
     def __init__(self):
-        self.requested = False
-        self._depth = 0
+        self.requested, self._depth = False, 0
 
     @contextlib.contextmanager
     def deferred(self):
@@ -1536,8 +1305,7 @@ class _Interrupts:
             and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         )
-        if self._depth == 0:
-            self.requested = False
+        self.requested = self.requested and self._depth > 0
         if install:
             signal.signal(signal.SIGINT, self._on_sigint)
         self._depth += 1
@@ -1560,14 +1328,12 @@ _INTERRUPTS = _Interrupts()
 class ScipyBatchOptimizer(BatchOptimizer):
     """Trains a model with `scipy.optimize.minimize` on the full data.
 
-    Every method of `scipy.optimize.minimize` works: gradient methods
-    (`"L-BFGS-B"`, `"BFGS"`, `"CG"`, `"TNC"`, `"SLSQP"`) get the exact
-    gradient, `"Newton-CG"`, `"trust-ncg"`, `"trust-krylov"` and
-    `"trust-constr"` also get exact Hessian-vector products, `"trust-exact"`
-    and `"dogleg"` the dense Hessian (small models), and derivative-free
-    methods (`"Nelder-Mead"`, `"Powell"`, `"COBYLA"`, `"COBYQA"`) the loss.
-    Arguments given here are defaults that `minimize()` and `fit()` may
-    override. The argument order is kormos 0.1's (`name` first).
+    Every method works: gradient methods (`"L-BFGS-B"`, `"BFGS"`, `"CG"`,
+    `"TNC"`, `"SLSQP"`) get the exact gradient; `"Newton-CG"`, `"trust-ncg"`,
+    `"trust-krylov"` and `"trust-constr"` also get exact Hessian-vector
+    products, `"trust-exact"` and `"dogleg"` the dense Hessian (small
+    models), derivative-free methods the loss. The arguments are defaults
+    that `minimize()` and `fit()` may override; their order is kormos 0.1's.
 
     Example:
 
@@ -1580,29 +1346,20 @@ class ScipyBatchOptimizer(BatchOptimizer):
 
     Args:
         name: Name of the optimizer. Defaults to `"scipy"`.
-        method: A `scipy.optimize.minimize` method name, in any case, or a
-            custom minimizer callable `(fun, x0, args, **kwargs)` returning an
-            `OptimizeResult`; or a list of them to chain. Defaults to
-            `"L-BFGS-B"`.
-        epochs: The iteration budget (or a list, one per chained method).
-            Defaults to `options["maxiter"]` if given, else 20.
-        pretrain_fn: `fn(model)` called before the solver starts (or a list,
-            one per chained method). Defaults to `None`.
-        options: Dict passed to `scipy.optimize.minimize(options=...)` (or a
-            list of dicts); see `scipy.optimize.show_options("minimize",
-            method)`. Its `maxiter` is the iteration budget: see `minimize()`.
-        bounds: Bounds on the weights, for the methods that take them: a
-            `scipy.optimize.Bounds`, a sequence of `(low, high)` pairs over
-            the flat vector, or a dict mapping a variable path or path suffix
-            (e.g. `"dense/kernel"`) to `(low, high)`. Keras box constraints
-            (`keras.constraints.NonNeg`) are added automatically.
-        constraints: `scipy.optimize` constraints over the flat vector, for
-            `"SLSQP"`, `"trust-constr"`, `"COBYLA"` and `"COBYQA"`.
-        tol: Tolerance passed to `scipy.optimize.minimize`.
-        max_dense_params: Largest number of weights for which a method that
-            keeps dense n x n matrices (`"BFGS"`, `"SLSQP"`, `"trust-exact"`,
-            `"dogleg"`) is allowed. Defaults to `2000` (about 0.1 GB).
-        **kwargs: `batch_size`, `max_cache_entries`, `dtype` and
+        method: A `scipy.optimize.minimize` method name in any case, or a
+            custom minimizer `(fun, x0, args, **kwargs) -> OptimizeResult`.
+            Defaults to `"L-BFGS-B"`.
+        epochs: The iteration budget. Defaults to `options["maxiter"]`, else 20.
+        pretrain_fn: `fn(model)`, called before the solver starts.
+        options: Dict for `scipy.optimize.minimize(options=...)`.
+        bounds: A `scipy.optimize.Bounds`, `(low, high)` pairs over the flat
+            vector, or a dict from a variable path (suffix), e.g.
+            `"dense/kernel"`, to `(low, high)`. `NonNeg` constraints add 0.
+        constraints: scipy constraints over the flat vector (SLSQP,
+            trust-constr, COBYLA, COBYQA). tol: As in scipy.
+        max_dense_params: The largest model allowed for BFGS, SLSQP,
+            trust-exact and dogleg (dense n x n matrices). Defaults to 2000.
+        **kwargs: `batch_size`, `max_cache_entries`, `dtype`,
             `max_dataset_bytes`; see `BatchOptimizer`.
     """
 
@@ -1626,20 +1383,13 @@ class ScipyBatchOptimizer(BatchOptimizer):
                 "runs L-BFGS-B: its first argument is `name`, as in kormos 0.1. "
                 f"Pass method={name!r} to run {name}."
             )
-        method = "l-bfgs-b" if method is None else method
-        self.method = (
-            [_canonical_method(m) for m in method]
-            if isinstance(method, (list, tuple))
-            else _canonical_method(method)
-        )
-        self.epochs = epochs
-        self.pretrain_fn = pretrain_fn
-        self.options = options
-        self.bounds = bounds
-        self.constraints = constraints
-        self.tol = tol
+        self.method = "l-bfgs-b" if method is None else method
+        self.epochs, self.pretrain_fn, self.options = epochs, pretrain_fn, options
+        self.bounds, self.constraints, self.tol = bounds, constraints, tol
         self.max_dense_params = max_dense_params
-        _plan_runs(self)  # checks the arguments
+        runs = _plan_runs(self)  # checks the arguments
+        methods = [run.method for run in runs]
+        self.method = methods if isinstance(method, (list, tuple)) else methods[0]
 
     def minimize(
         self,
@@ -1652,42 +1402,32 @@ class ScipyBatchOptimizer(BatchOptimizer):
         constraints=None,
         tol=None,
     ):
-        """Runs the solver (or a chain of solvers) from the current weights.
+        """Runs the solver, or a chain of solvers, from the current weights.
 
-        Arguments left `None` take this optimizer's own settings. `method`,
-        `epochs`, `options` and `pretrain_fn` may be lists of equal length
-        (a single value is used for every run) to chain solvers, each
-        warm-started from the last. Each run's `scipy.optimize.OptimizeResult`
-        goes to `results`, which holds the runs of the last call only.
-
-        The model ends at the solver's answer, or at the last iterate passed
-        to `callback` if the run was stopped: by `callback`, by a loss that
-        is not finite, or by Ctrl-C (the first Ctrl-C ends the run at the
-        next evaluation or iteration; a second one raises KeyboardInterrupt).
+        Arguments left `None` take the optimizer's own. `method`, `epochs`,
+        `options` and `pretrain_fn` may be lists of equal length to chain
+        solvers, each starting where the last one stopped; `results` holds
+        each run's `scipy.optimize.OptimizeResult`. A run stopped by
+        `callback`, a non-finite loss or Ctrl-C ends at its last iterate (a
+        second Ctrl-C raises KeyboardInterrupt at once).
 
         Args:
-            epochs: The iteration budget, passed as `options["maxiter"]`.
-                TNC has no `maxiter` and COBYLA/COBYQA count function
-                evaluations with it, so for these kormos counts the
-                iterations itself. If both `epochs` and `options["maxiter"]`
-                are given and differ, `epochs` wins, with a warning; if
-                neither is, the budget is 20.
-            callback: `callback(x) -> bool`, called after each iteration with
-                a copy of the iterate (and once more with the final weights
-                if the solver's answer is not its last iterate); returning
-                `True` stops the chain.
-            pretrain_fn: `fn(model)` called before the run starts, e.g. to
-                freeze a layer; the trainable weights may change.
-            method, options, bounds, constraints, tol: As in the constructor.
+            epochs: The iteration budget, passed as `options["maxiter"]`
+                (kormos counts the iterations of TNC, COBYLA and COBYQA).
+                Given with a different `maxiter`, `epochs` wins, with a
+                warning; if neither is given, the budget is 20.
+            callback: `callback(x) -> bool`, called with each iterate (and
+                the solver's answer, if new); returning `True` stops.
+            pretrain_fn: `fn(model)`, called before the run (e.g. to freeze
+                a layer). method, options, bounds, constraints, tol: As in
+                the constructor.
 
         Returns:
-            The final weights as a flat float64 vector (as kormos 0.1 did);
-            `results[-1]` is the last run's `OptimizeResult`.
+            The final weights as a flat float64 vector, as in kormos 0.1.
 
         Raises:
             ValueError: For arguments the method cannot take, or a loss that
-                is not finite at the starting weights; raised before any
-                weight changes.
+                is not finite at the start; before any weight changes.
         """
         self._require_built()
         runs = _plan_runs(self, method, epochs, options, pretrain_fn, warn=True)
@@ -1702,28 +1442,38 @@ class ScipyBatchOptimizer(BatchOptimizer):
             for run in runs:
                 if run.pretrain_fn is not None:
                     run.pretrain_fn(self.model)
-                    self._rebind_if_trainables_changed()
-                result = self._run(run, callback, bounds, constraints, tol)
-                self.results.append(result)
-                if result.status in _CHAIN_ENDING_STATUSES:
+                    if [id(v) for v in self.model.trainable_variables] != [
+                        id(v) for v in self._objective.variables
+                    ]:
+                        self._bind(self.model, self._objective.data)
+                self.results.append(self._run(run, callback, bounds, constraints, tol))
+                if self.results[-1].status in _STOPPED_EARLY:
                     break
         return self.get_weights()
-
-    def _rebind_if_trainables_changed(self):
-        if [id(v) for v in self.model.trainable_variables] != [
-            id(v) for v in self._objective.variables
-        ]:
-            self._bind(self.model, self._objective.data)
 
     def _run(self, run, callback, bounds, constraints, tol):
         """Runs one solver from the current weights; returns its result."""
         x0 = self.get_weights()
         state = _RunState(self, run, callback, x0)
-        arguments = self._scipy_arguments(run, state, bounds, constraints, tol)
+        name = _method_name(run.method)
+        arguments = {
+            "fun": state.loss if name in _DERIVATIVE_FREE else state.loss_and_gradient,
+            "jac": name not in _DERIVATIVE_FREE or None,
+            "hessp": state.hessp if name in _HESSP_METHODS + ("custom",) else None,
+            "hess": self.hess if name in _HESS_METHODS else None,
+            "bounds": _resolve_bounds(bounds, self._objective.variables, name),
+            "constraints": constraints or (),
+        }
+        arguments = {k: v for k, v in arguments.items() if v is not None}
         try:
             with _solver_blas_threads(run.method):
                 result = scipy.optimize.minimize(
-                    x0=x0, callback=state.on_iteration, **arguments
+                    x0=x0,
+                    method=run.method,
+                    options=run.scipy_options(),
+                    tol=tol,
+                    callback=state.on_iteration,
+                    **arguments,
                 )
         except _StopRun as stop:
             result = state.result(stop.status, stop.message)
@@ -1736,49 +1486,22 @@ class ScipyBatchOptimizer(BatchOptimizer):
         self.set_weights(result.x)
         return result
 
-    def _scipy_arguments(self, run, state, bounds, constraints, tol):
-        """Returns the `scipy.optimize.minimize` keyword arguments of a run."""
-        name = _method_name(run.method)
-        arguments = {
-            "method": run.method,
-            "options": run.scipy_options(),
-            "tol": tol,
-            "bounds": _resolve_bounds(bounds, self._objective.variables, name),
-        }
-        if constraints:
-            arguments["constraints"] = constraints
-        if name in _DERIVATIVE_FREE:
-            arguments["fun"] = state.loss
-        else:
-            arguments["fun"], arguments["jac"] = state.loss_and_gradient, True
-        if name in _HESSP_METHODS + ("custom",):
-            arguments["hessp"] = state.hessp
-        if name in _HESS_METHODS:
-            arguments["hess"] = self.hess
-        return arguments
-
     def get_config(self):
         """Returns the constructor arguments except `bounds`, `constraints`
-        and `pretrain_fn`.
-
-        A custom minimizer (a callable `method`) is saved by its registered
+        and `pretrain_fn`. A custom minimizer is saved by its registered
         Keras name: decorate it with `keras.saving.register_keras_serializable()`
-        or pass it in `custom_objects` when loading.
-        """
-        config = super().get_config()
+        or pass it in `custom_objects` when loading."""
         method = self.method
         if callable(method):
             method = keras.saving.serialize_keras_object(method)
-        config.update(
-            {
-                "method": method,
-                "epochs": self.epochs,
-                "options": self.options,
-                "tol": self.tol,
-                "max_dense_params": self.max_dense_params,
-            }
-        )
-        return config
+        return {
+            **super().get_config(),
+            "method": method,
+            "epochs": self.epochs,
+            "options": self.options,
+            "tol": self.tol,
+            "max_dense_params": self.max_dense_params,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -1799,47 +1522,38 @@ class ScipyBatchOptimizer(BatchOptimizer):
         return cls(**config)
 
 
-_CHAIN_ENDING_STATUSES = (_STATUS_STOPPED, _STATUS_INTERRUPTED, _STATUS_NOT_FINITE)
-
-
 class _StopRun(Exception):
     """Ends a solver run at its last iterate (the one stop path of kormos).
 
-    scipy ends a run cleanly when its callback raises StopIteration, except
-    TNC (scipy/optimize/_tnc.py passes the callback on unwrapped), and it
-    cannot be stopped from inside an evaluation at all; so kormos raises its
-    own exception from both and builds the result itself.
+    scipy ends a run cleanly on a StopIteration from its callback, except
+    TNC (scipy/optimize/_tnc.py passes the callback on unwrapped), and not at
+    all from inside an evaluation: kormos raises this from both instead.
     """
 
     def __init__(self, status, message):
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.status, self.message = status, message
 
 
 class _Run:
     """One solver run of a chain: method, iteration budget, options, pretrain_fn."""
 
     def __init__(self, method, budget, options, pretrain_fn):
-        self.method = method
-        self.budget = budget
-        self.options = options  # as the user gave them
-        self.pretrain_fn = pretrain_fn
-        # Methods whose `maxiter` counts iterations get the budget as maxiter;
-        # kormos counts the iterations of the others itself.
+        self.method, self.budget = method, budget
+        self.options, self.pretrain_fn = options, pretrain_fn  # as given
+        # Where `maxiter` counts iterations it carries the budget; kormos
+        # counts the iterations of the other methods itself.
         self.maxiter_is_budget = _method_name(method) not in _COUNTED_BY_KORMOS
 
     def scipy_options(self):
         """The `options` for scipy: the user's, with the budget as `maxiter`."""
-        if not self.maxiter_is_budget:
-            return dict(self.options)
-        return {**self.options, "maxiter": self.budget}
+        budget = {"maxiter": self.budget} if self.maxiter_is_budget else {}
+        return {**self.options, **budget}
 
     def options_without_budget(self):
         """The user's `options`, less a `maxiter` that only repeats the budget."""
-        if not self.maxiter_is_budget:
-            return dict(self.options)
-        return {k: v for k, v in self.options.items() if k != "maxiter"}
+        skip = "maxiter" if self.maxiter_is_budget else None
+        return {k: v for k, v in self.options.items() if k != skip}
 
     def after(self, done):
         """This run without its first `done` iterations (for a resumed fit)."""
@@ -1851,25 +1565,18 @@ def _plan_runs(
 ):
     """Checks the solver arguments and returns a list of `_Run`s.
 
-    Arguments left None take the optimizer's own settings. `method`,
-    `epochs`, `options` and `pretrain_fn` may each be a list (one entry per
-    chained run, all lists of one length) or a single value used for every
-    run. Each run's budget is `epochs`, else `options["maxiter"]`, else 20.
+    Arguments left None take the optimizer's own. Each of `method`, `epochs`,
+    `options` and `pretrain_fn` is a list (one entry per chained run, all of
+    one length) or a value for every run. A run's budget is `epochs`, else
+    `options["maxiter"]`, else 20.
     """
-    method = optimizer.method if method is None else method
-    epochs = optimizer.epochs if epochs is None else epochs
-    options = optimizer.options if options is None else options
-    pretrain_fn = optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn
-    lists = {
-        name: value
-        for name, value in (
-            ("method", method),
-            ("epochs", epochs),
-            ("options", options),
-            ("pretrain_fn", pretrain_fn),
-        )
-        if isinstance(value, (list, tuple))
+    given = {
+        "method": optimizer.method if method is None else method,
+        "epochs": optimizer.epochs if epochs is None else epochs,
+        "options": optimizer.options if options is None else options,
+        "pretrain_fn": optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
     }
+    lists = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
     lengths = {len(v) for v in lists.values()}
     if len(lengths) > 1:
         detail = ", ".join(f"{k} has {len(v)}" for k, v in lists.items())
@@ -1880,42 +1587,31 @@ def _plan_runs(
     count = lengths.pop() if lengths else 1
     if count == 0:
         raise ValueError("The solver chain is empty: pass at least one method.")
-
-    def nth(value, i):
-        return value[i] if isinstance(value, (list, tuple)) else value
-
     runs = []
     for i in range(count):
-        run_method = _canonical_method(nth(method, i))
-        run_options = nth(options, i)
-        if run_options is not None and not isinstance(run_options, dict):
+        run = {k: v[i] if k in lists else v for k, v in given.items()}
+        method = _canonical_method(run["method"])
+        if run["options"] is not None and not isinstance(run["options"], dict):
             raise TypeError(
                 "`options` must be a dict of solver options (see "
                 "scipy.optimize.show_options('minimize', method)), or a list "
                 f"of dicts (one per chained solver). Received: options={options!r}"
             )
-        run_options = dict(run_options or {})
-        budget = _iteration_budget(nth(epochs, i), run_options, run_method, warn)
-        runs.append(_Run(run_method, budget, run_options, nth(pretrain_fn, i)))
+        options_i = dict(run["options"] or {})
+        budget = _iteration_budget(run["epochs"], options_i, method, warn)
+        runs.append(_Run(method, budget, options_i, run["pretrain_fn"]))
     return runs
 
 
 def _iteration_budget(epochs, options, method, warn):
     """Returns a run's iteration budget: `epochs`, else `maxiter`, else 20."""
     maxiter = options.get("maxiter")
-    counts_iterations = _method_name(method) not in _COUNTED_BY_KORMOS
+    if _method_name(method) in _COUNTED_BY_KORMOS:
+        maxiter = None  # it counts evaluations, or does not exist
     if epochs is None:
-        return int(maxiter) if maxiter is not None and counts_iterations else (
-            _DEFAULT_EPOCHS
-        )
-    if not isinstance(epochs, (int, np.integer)) or isinstance(epochs, bool) or (
-        epochs <= 0
-    ):
-        raise ValueError(
-            "`epochs` (the iteration budget) must be a positive integer. "
-            f"Received: epochs={epochs!r}"
-        )
-    if warn and counts_iterations and maxiter is not None and maxiter != epochs:
+        return _DEFAULT_EPOCHS if maxiter is None else int(maxiter)
+    _check_positive_int(epochs, "epochs")
+    if warn and maxiter is not None and maxiter != epochs:
         _warn(
             f"options['maxiter']={maxiter} and epochs={epochs} both set the "
             f"iteration budget; epochs wins, so the solver runs at most {epochs} "
@@ -1932,16 +1628,12 @@ class _RunState:
     """
 
     def __init__(self, optimizer, run, callback, x0):
-        self.optimizer = optimizer
-        self.run = run
-        self.callback = callback
-        self.x0 = x0
-        self.x = x0  # the last accepted iterate
-        self.nit = 0
-        self.losses = []  # the losses of the last two accepted iterates
+        self.optimizer, self.run, self.callback = optimizer, run, callback
+        self.x0 = self.x = x0  # the start, and the last accepted iterate
+        self.nit, self.losses = 0, []  # the losses of the last two iterates
         self.evals_before = (optimizer.fg_evals, optimizer.hessp_evals)
-        self.counts_itself = _method_name(run.method) in _COUNTED_BY_KORMOS + (
-            "custom",
+        self.counts_itself = not run.maxiter_is_budget or not isinstance(
+            run.method, str
         )
 
     def loss_and_gradient(self, x):
@@ -1967,35 +1659,25 @@ class _RunState:
 
     def on_iteration(self, intermediate_result):
         # Most methods pass an OptimizeResult, TNC passes x. L-BFGS-B and
-        # Newton-CG reuse one buffer for x, hence the copy.
-        self._accept(getattr(intermediate_result, "x", intermediate_result))
+        # Newton-CG reuse one buffer for x: keep the cache's copy, or copy.
+        x = getattr(intermediate_result, "x", intermediate_result)
+        entry = self.optimizer._cached(x)
+        self.x = entry[0] if entry else np.array(x, dtype=np.float64)
+        self.losses = self.losses[-1:] + ([entry[1][0]] if entry else [])
+        self.nit += 1
+        self.optimizer.iterations += 1
         stop = self.callback is not None and self.callback(self.x)
         self.optimizer._holds = None  # the callback may have changed the weights
         if stop:
-            raise _StopRun(
-                _STATUS_STOPPED, "Stopped by a callback (model.stop_training)."
-            )
+            raise _StopRun(_STATUS_STOPPED, "Stopped by a callback (stop_training).")
         self._stop_if_interrupted()
         if self.counts_itself and self.nit >= self.run.budget:
-            raise _StopRun(
-                _STATUS_BUDGET_USED, "Stopped: the iteration budget (epochs) is used."
-            )
-
-    def _accept(self, x):
-        entry = self.optimizer._cached(x)
-        # The cached copy of x, if any: the callback's weight assignment and
-        # cache lookups then recognize it without comparing every entry.
-        self.x = entry[0] if entry else np.array(x, dtype=np.float64)
-        self.nit += 1
-        self.optimizer.iterations += 1
-        if entry is not None:
-            self.losses = self.losses[-1:] + [entry[1][0]]
+            raise _StopRun(_STATUS_BUDGET_USED, "Stopped: the budget (epochs) is used.")
 
     def _stop_if_interrupted(self):
         if _INTERRUPTS.requested:
             raise _StopRun(
-                _STATUS_INTERRUPTED,
-                "Interrupted by Ctrl-C; the last iterate is kept.",
+                _STATUS_INTERRUPTED, "Interrupted by Ctrl-C; the last iterate is kept."
             )
 
     def report_final(self, x):
@@ -2008,14 +1690,13 @@ class _RunState:
     def result(self, status, message):
         """Builds the result of a run that kormos ended, at the last iterate."""
         entry = self.optimizer._cached(self.x)
-        fg_evals, hessp_evals = self.evals_before
         return scipy.optimize.OptimizeResult(
             x=self.x,
             fun=entry[1][0] if entry else float("nan"),
             jac=entry[1][1] if entry else None,
             nit=self.nit,
-            nfev=self.optimizer.fg_evals - fg_evals,
-            nhev=self.optimizer.hessp_evals - hessp_evals,
+            nfev=self.optimizer.fg_evals - self.evals_before[0],
+            nhev=self.optimizer.hessp_evals - self.evals_before[1],
             status=status,
             success=False,
             message=message,
@@ -2024,49 +1705,45 @@ class _RunState:
 
 def _check_solver_arguments(method, bounds, constraints):
     name = _method_name(method)
-    if bounds is not None and name not in _BOUNDS_METHODS + ("custom",):
-        raise ValueError(
-            f"Method {name!r} ignores `bounds`; use one of "
-            f"{', '.join(_BOUNDS_METHODS)}. Received: bounds={bounds!r}"
-        )
-    if constraints and name not in _CONSTRAINT_METHODS + ("custom",):
-        raise ValueError(
-            f"Method {name!r} ignores `constraints`; use one of "
-            f"{', '.join(_CONSTRAINT_METHODS)}. Received: "
-            f"constraints={constraints!r}"
-        )
+    for argument, value, takers in (
+        ("bounds", bounds, _BOUNDS_METHODS),
+        ("constraints", constraints or None, _CONSTRAINT_METHODS),
+    ):
+        if value is not None and name not in takers + ("custom",):
+            raise ValueError(
+                f"Method {name!r} ignores `{argument}`; use one of "
+                f"{', '.join(takers)}. Received: {argument}={value!r}"
+            )
 
 
 def _check_dense_size(method, n, limit):
-    if method not in _DENSE_MATRICES or n <= limit:
-        return
-    gigabytes = _DENSE_MATRICES[method] * 8 * n * n / 1e9
-    raise ValueError(
-        f"Method {method!r} keeps dense {n} x {n} matrices for this model's "
-        f"{n} weights: about {gigabytes:.1f} GB, and O(n^3) work per "
-        "iteration. Use 'L-BFGS-B' or 'Newton-CG' instead, or raise the limit "
-        f"with ScipyBatchOptimizer(max_dense_params=...) (now {limit})."
-    )
-
-
-def _solver_blas_threads(method):
-    """Limits numpy's and scipy's BLAS to one thread while a solver runs.
-
-    A limited-memory solver's vector arithmetic is small, and a second BLAS
-    thread only competes with TensorFlow for the cores (the BLAS line of
-    benchmarks/bench.py times L-BFGS-B's step with 1 and with all threads).
-    Methods with dense n x n matrices keep every thread. Uses threadpoolctl
-    where it is installed (it comes with scikit-learn), else does nothing.
-    """
-    if method in _DENSE_MATRICES or _threadpoolctl is None:
-        return contextlib.nullcontext()
-    return _threadpoolctl.threadpool_limits(1, user_api="blas")
+    if method in _DENSE_MATRICES and n > limit:
+        gigabytes = _DENSE_MATRICES[method] * 8 * n * n / 1e9
+        raise ValueError(
+            f"Method {method!r} keeps dense {n} x {n} matrices for this model's "
+            f"{n} weights: about {gigabytes:.1f} GB, and O(n^3) work per "
+            "iteration. Use 'L-BFGS-B' or 'Newton-CG' instead, or raise the "
+            f"limit with ScipyBatchOptimizer(max_dense_params=...) (now {limit})."
+        )
 
 
 try:
     import threadpoolctl as _threadpoolctl
 except ImportError:  # optional
     _threadpoolctl = None
+
+
+def _solver_blas_threads(method):
+    """Limits numpy's and scipy's BLAS to one thread while a solver runs,
+    with threadpoolctl where it is installed (else it does nothing).
+
+    A limited-memory solver's vector arithmetic is small, and a second BLAS
+    thread competes with TensorFlow for the cores (the BLAS line of
+    benchmarks/bench.py); methods with dense n x n matrices keep them all.
+    """
+    if method in _DENSE_MATRICES or _threadpoolctl is None:
+        return contextlib.nullcontext()
+    return _threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def _explain_float32_stall(result, losses, variables):
@@ -2098,22 +1775,32 @@ def _explain_float32_stall(result, losses, variables):
 def _resolve_bounds(bounds, variables, method):
     """Returns a `scipy.optimize.Bounds` over the flat vector, or None.
 
-    Merges the user's `bounds` with the boxes implied by Keras constraints
-    (`NonNeg`) on the variables.
+    Merges the user's `bounds` with the lower bounds of 0 that Keras' `NonNeg`
+    constraints imply; other Keras constraints are not boxes (ignored).
     """
-    takes_bounds = method in _BOUNDS_METHODS + ("custom",)
-    lower, upper = _constraint_bounds(variables)
-    from_model = bool(np.isfinite(lower).any())
-    if bounds is not None:
-        user_lower, user_upper = _user_bounds(bounds, variables)
-        lower, upper = np.maximum(lower, user_lower), np.minimum(upper, user_upper)
-    elif from_model and not takes_bounds:
+    n, offsets = sum(_sizes(variables)), np.cumsum([0] + _sizes(variables))
+    lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
+    for i, v in enumerate(variables):
+        if isinstance(v.constraint, keras.constraints.NonNeg):
+            lower[offsets[i] : offsets[i + 1]] = 0.0
+        elif v.constraint is not None:
+            _warn(
+                f"The constraint {type(v.constraint).__name__} on {v.path} is "
+                "not a box, so a full-batch solver cannot enforce it; it is "
+                "ignored."
+            )
+    if bounds is None and np.isfinite(lower).any() and method not in (
+        _BOUNDS_METHODS + ("custom",)
+    ):
         _warn(
             f"Method {method!r} cannot enforce the NonNeg constraints of this "
             f"model; use one of {', '.join(_BOUNDS_METHODS)} to keep those "
-            "weights non-negative.",
+            "weights non-negative."
         )
         return None
+    if bounds is not None:
+        user_lower, user_upper = _user_bounds(bounds, variables, offsets)
+        lower, upper = np.maximum(lower, user_lower), np.minimum(upper, user_upper)
     if not (np.isfinite(lower).any() or np.isfinite(upper).any()):
         return None
     if np.any(lower > upper):
@@ -2124,72 +1811,43 @@ def _resolve_bounds(bounds, variables, method):
     return scipy.optimize.Bounds(lower, upper)
 
 
-def _constraint_bounds(variables):
-    """Returns the (lower, upper) boxes of the variables' Keras constraints."""
-    lower, upper = np.full(sum(_sizes(variables)), -np.inf), np.full(
-        sum(_sizes(variables)), np.inf
-    )
-    offset = 0
-    for v, size in zip(variables, _sizes(variables)):
-        constraint = getattr(v, "constraint", None)
-        if isinstance(constraint, keras.constraints.NonNeg):
-            lower[offset : offset + size] = 0.0
-        elif constraint is not None:
-            _warn(
-                f"The constraint {type(constraint).__name__} on {v.path} is "
-                "not a box, so a full-batch solver cannot enforce it; it is "
-                "ignored.",
-            )
-        offset += size
-    return lower, upper
-
-
-def _user_bounds(bounds, variables):
+def _user_bounds(bounds, variables, offsets):
     """Converts the user's `bounds` to (lower, upper) flat arrays."""
-    n = sum(_sizes(variables))
+    n = offsets[-1]
     if isinstance(bounds, scipy.optimize.Bounds):
-        return (
-            np.broadcast_to(np.asarray(bounds.lb, float), (n,)).copy(),
-            np.broadcast_to(np.asarray(bounds.ub, float), (n,)).copy(),
+        return tuple(
+            np.broadcast_to(np.asarray(b, float), (n,)).copy()
+            for b in (bounds.lb, bounds.ub)
         )
-    if isinstance(bounds, dict):
-        return _bounds_by_path(bounds, variables)
-    pairs = list(bounds)
-    if len(pairs) != n:
-        raise ValueError(
-            f"`bounds` must have one (low, high) pair per weight: {n} pairs "
-            f"for this model. Received {len(pairs)} pairs."
-        )
-    lower = np.array([-np.inf if lo is None else lo for lo, _ in pairs], float)
-    upper = np.array([np.inf if hi is None else hi for _, hi in pairs], float)
-    return lower, upper
-
-
-def _bounds_by_path(bounds, variables):
-    n = sum(_sizes(variables))
+    if not isinstance(bounds, dict):
+        pairs = list(bounds)
+        if len(pairs) != n:
+            raise ValueError(
+                f"`bounds` must have one (low, high) pair per weight: {n} pairs "
+                f"for this model. Received {len(pairs)} pairs."
+            )
+        bounds = dict(enumerate(pairs))
+        spans = {i: (slice(i, i + 1), ()) for i in range(n)}
+    else:
+        spans = {}
+        for key in bounds:
+            i = _variable_index(key, variables)
+            spans[key] = (slice(offsets[i], offsets[i + 1]), tuple(variables[i].shape))
     lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
-    offsets = np.cumsum([0] + _sizes(variables))
     for key, (lo, hi) in bounds.items():
-        i = _variable_index(key, variables)
-        shape = tuple(variables[i].shape)
-        span = slice(offsets[i], offsets[i + 1])
-        if lo is not None:
-            lower[span] = np.broadcast_to(np.asarray(lo, float), shape).ravel()
-        if hi is not None:
-            upper[span] = np.broadcast_to(np.asarray(hi, float), shape).ravel()
+        span, shape = spans[key]
+        for side, value in ((lower, lo), (upper, hi)):
+            if value is not None:
+                side[span] = np.broadcast_to(np.asarray(value, float), shape).ravel()
     return lower, upper
 
 
 def _variable_index(key, variables):
     """Finds the variable whose path is `key` or ends with `/key`."""
-    matches = [
-        i
-        for i, v in enumerate(variables)
-        if v.path == key or v.path.endswith("/" + key)
-    ]
+    paths = [v.path for v in variables]
+    matches = [i for i, p in enumerate(paths) if p == key or p.endswith("/" + key)]
     if len(matches) == 1:
         return matches[0]
-    paths = [v.path for v in variables]
     problem = "matches no" if not matches else "is ambiguous: it matches several"
     raise ValueError(
         f"The `bounds` key {key!r} {problem} trainable variable. Use a "
@@ -2203,21 +1861,12 @@ def _variable_index(key, variables):
 
 
 def get(identifier):
-    """Returns a `BatchOptimizer` for `identifier`.
+    """Returns the `BatchOptimizer` that `identifier` names.
 
-    Example:
-
-    ```python
-    kormos.get("l-bfgs-b")   # ScipyBatchOptimizer(method="l-bfgs-b")
-    kormos.get("scipy")      # ScipyBatchOptimizer() (L-BFGS-B)
-    ```
-
-    Args:
-        identifier: `"scipy"`, any `scipy.optimize.minimize` method name in any
-            case, a `BatchOptimizer` (returned as is) or a serialized one.
-
-    Returns:
-        A `BatchOptimizer`.
+    `"scipy"` gives `ScipyBatchOptimizer()` (L-BFGS-B), a
+    `scipy.optimize.minimize` method name in any case gives a
+    `ScipyBatchOptimizer` of that method, a `BatchOptimizer` is returned as
+    it is and a serialized one is deserialized.
 
     Raises:
         ValueError: If `identifier` names no batch optimizer.
@@ -2255,23 +1904,19 @@ def _as_batch_optimizer(identifier):
 class _FitLoop:
     """One `fit()` of a model compiled with a batch optimizer.
 
-    It is Keras' own fit loop (keras/src/backend/tensorflow/trainer.py) with
-    one solver iteration as one epoch. scipy drives the iterations, so the
-    loop body, `end_iteration`, is the solver's callback; stopping, the
-    epoch that `BackupAndRestore` resumes from, Ctrl-C and exceptions are
-    handled in `run`. Whenever `fit()` returns or raises, the model holds
-    the weights of the last History row (or the starting weights).
+    Keras' own fit loop (keras/src/backend/tensorflow/trainer.py) with one
+    solver iteration as one epoch. scipy drives the iterations, so the loop
+    body, `end_iteration`, is the solver's callback; `run` handles stopping,
+    `BackupAndRestore`'s resumed epoch, Ctrl-C and exceptions. Whenever
+    `fit()` returns or raises, the model holds the weights of the last
+    History row (or the starting weights).
     """
 
     def __init__(self, model, callbacks, history, validation, validation_freq):
-        self.model = model
-        self.optimizer = model.optimizer
-        self.callbacks = callbacks
-        self.history = history
-        self.validation = validation
-        self.validation_freq = validation_freq
-        self.epoch = 0
-        self.logs = None
+        self.model, self.optimizer = model, model.optimizer
+        self.callbacks, self.history = callbacks, history
+        self.validation, self.validation_freq = validation, validation_freq
+        self.epoch, self.logs = 0, None
         # The weights after each of the last two History rows, by row count.
         self.row_weights = {}
 
@@ -2300,13 +1945,9 @@ class _FitLoop:
         model, optimizer, epoch = self.model, self.optimizer, self.epoch
         optimizer.set_weights(x)  # callbacks see the model at this iterate
         loss, gradient = optimizer.func_and_grad(x)
-        logs = {
-            "loss": loss,
-            "grad": float(np.linalg.norm(gradient)),
-            "fg_evals": optimizer.fg_evals,
-            "hessp_evals": optimizer.hessp_evals,
-            **optimizer.metrics_at(x),
-        }
+        logs = {"loss": loss, "grad": float(np.linalg.norm(gradient))}
+        logs.update(fg_evals=optimizer.fg_evals, hessp_evals=optimizer.hessp_evals)
+        logs.update(optimizer.metrics_at(x))
         self.callbacks.on_epoch_begin(epoch)
         self.callbacks.on_train_batch_begin(0)
         self.callbacks.on_train_batch_end(0, dict(logs))
@@ -2323,10 +1964,8 @@ class _FitLoop:
 
     def _validate(self):
         results = self.model.evaluate(
-            **self.validation.evaluate_arguments(),
-            callbacks=self.callbacks,
-            verbose=0,
-            return_dict=True,
+            **self.validation.evaluate_arguments(), callbacks=self.callbacks,
+            verbose=0, return_dict=True,
         )
         return {f"val_{k}": float(v) for k, v in results.items()}
 
@@ -2429,31 +2068,21 @@ def _make_callbacks(model, callbacks, verbose, epochs):
 
 
 def _live_display():
-    """True where a redrawn progress bar reads well: a terminal or a notebook.
-
-    (Keras' `Progbar` redraws whenever `"posix" in sys.modules`, that is on
-    every Linux and macOS, writing backspaces into files and pipes.)
-    """
+    """True where a redrawn progress bar reads well: a terminal or a notebook
+    (Keras' `Progbar` redraws wherever `"posix" in sys.modules`, files too)."""
     isatty = getattr(sys.stdout, "isatty", None)
     return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 class _Progress(keras.callbacks.Callback):
-    """Shows a full-batch fit: one live bar, or one plain line per iteration.
-
-    `live`: a `keras.utils.Progbar` over the iteration budget (verbose=1 in
-    a terminal or notebook). Otherwise (verbose=2, or output to a file or
-    pipe) each iteration prints one line with its wall time and logs.
-    """
+    """Shows a full-batch fit: a live `keras.utils.Progbar` over the budget
+    (verbose=1 in a terminal or notebook), or else one plain line per
+    iteration with its wall time and logs (verbose=2, files and pipes)."""
 
     def __init__(self, epochs, live):
         super().__init__()
-        self.epochs = epochs
-        self.live = live
-        self._bar = None
-        self._seen = 0
-        self._logs = {}
-        self._last = None
+        self.epochs, self.live = epochs, live
+        self._bar, self._seen, self._logs, self._last = None, 0, {}, None
 
     def on_train_begin(self, logs=None):
         self._last = time.perf_counter()
@@ -2473,8 +2102,7 @@ class _Progress(keras.callbacks.Callback):
         print(f"Iteration {self._seen}/{self.epochs} - {took}{values}", flush=True)
 
     def on_train_end(self, logs=None):
-        if self._bar is not None and self._seen < self.epochs:
-            # The solver stopped early: close the bar where it stopped.
+        if self._bar is not None and self._seen < self.epochs:  # stopped early
             self._bar.target = max(self._seen, 1)
             self._bar.update(self._bar.target, list(self._logs.items()), finalize=True)
 
@@ -2495,28 +2123,13 @@ class _BatchOptimizedMixin:
     def compile(self, optimizer="rmsprop", **kwargs):
         """Configures the model for training, by a batch solver or by Keras.
 
-        `optimizer` may be a `kormos.BatchOptimizer`, `"scipy"` or any
-        `scipy.optimize.minimize` method name (`"l-bfgs-b"`, `"newton-cg"`,
-        ...): then `fit()` runs that full-batch solver. Anything else (`"adam"`,
-        `keras.optimizers.SGD(...)`) is passed to `keras.Model.compile` and
-        `fit()` trains as usual. Recompiling keeps the weights.
-
-        Example:
-
-        ```python
-        model.compile(loss="mse", optimizer="adam")      # Keras training
-        model.fit(x, y, epochs=5)
-        model.compile(loss="mse", optimizer="l-bfgs-b")  # full-batch solver
-        model.fit(x, y, epochs=50)
-        ```
-
-        Args:
-            optimizer: The optimizer, see above. Defaults to `"rmsprop"`.
-            **kwargs: Every other argument of `keras.Model.compile` (`loss`,
-                `metrics`, `loss_weights`, `jit_compile`, ...). With a batch
-                optimizer, `jit_compile="auto"` (the default) also compiles
-                models with an `Embedding` layer with XLA on CPUs; `True` or
-                `False` decide alone.
+        With a `kormos.BatchOptimizer`, `"scipy"` or a `scipy.optimize.minimize`
+        method name (`"l-bfgs-b"`, `"newton-cg"`, ...) as `optimizer`, `fit()`
+        runs that full-batch solver; anything else (`"adam"`,
+        `keras.optimizers.SGD(...)`) goes to `keras.Model.compile`. Every other
+        argument (`loss`, `metrics`, `jit_compile`, ...) means what it means in
+        Keras; under `jit_compile="auto"` a batch optimizer also uses XLA for
+        models with an `Embedding` layer on CPUs. Recompiling keeps the weights.
 
         Raises:
             ValueError: If `optimizer` names neither a batch optimizer nor a
@@ -2533,11 +2146,8 @@ class _BatchOptimizedMixin:
 
     @property
     def fit(self):
-        """`fit_batch` if compiled with a batch optimizer, else `keras.Model.fit`.
-
-        As in kormos 0.1, `model.fit` points to one of the two, so
-        `model.fit == model.fit_batch` tells which one a model uses.
-        """
+        """`fit_batch` if compiled with a batch optimizer, else `keras.Model.fit`
+        (as in kormos 0.1, so `model.fit == model.fit_batch` tells which)."""
         if isinstance(getattr(self, "optimizer", None), BatchOptimizer):
             return self.fit_batch
         return super().fit
@@ -2571,8 +2181,8 @@ class _BatchOptimizedMixin:
 
         `model.fit` is this method when the model is compiled with a batch
         optimizer. The arguments shared with `keras.Model.fit` mean what they
-        mean there, with one solver iteration as one epoch; `shuffle` has no
-        effect (the loss is over all rows).
+        mean there, with one solver iteration as one epoch (`shuffle` has no
+        effect).
 
         Example:
 
@@ -2587,25 +2197,19 @@ class _BatchOptimizedMixin:
         ```
 
         Args:
-            x: Inputs, in any form `keras.Model.fit` takes: arrays, tensors,
-                pandas objects, a list or dict of them, a `tf.data.Dataset`,
-                a `keras.utils.PyDataset` or a generator (with
-                `steps_per_epoch` if it is infinite). A finite dataset that
-                fits in the optimizer's `max_dataset_bytes` is read once into
-                memory; a larger one is streamed at every evaluation.
-            batch_size: Rows per mini-batch of an evaluation. It bounds
-                memory only: the loss is over all rows either way. Defaults
-                to the optimizer's `batch_size` (`None`: all rows at once).
+            x: Inputs in any form `keras.Model.fit` takes, a dataset,
+                `PyDataset` or generator included; one that fits in the
+                optimizer's `max_dataset_bytes` is read into memory once.
+            batch_size: Rows per mini-batch of an evaluation: it bounds
+                memory, not the loss. Defaults to the optimizer's (`None`:
+                all rows at once).
             epochs: The iteration budget (scipy's `maxiter`), or a list of
-                budgets when `method` is a list. Defaults to
-                `options["maxiter"]` if given, else 20.
-            method, options, bounds, constraints, tol: Override the
-                optimizer's settings for this fit; see `ScipyBatchOptimizer`.
-                `method`, `epochs`, `options` and `pretrain_fn` may be lists
-                of equal length to chain solvers, each warm-started from the
-                last.
-            pretrain_fn: `fn(model)` called before the solver starts (for
-                example to freeze a layer), or a list of them for a chain.
+                budgets to chain solvers. Defaults to `options["maxiter"]`
+                if given, else 20.
+            method, options, bounds, constraints, tol, pretrain_fn: Override
+                the optimizer's settings for this fit (see
+                `ScipyBatchOptimizer`); lists of equal length chain solvers,
+                each starting where the last one stopped.
 
         Returns:
             A `keras.callbacks.History` with one row per solver iteration:
@@ -2613,11 +2217,8 @@ class _BatchOptimizedMixin:
             compiled metrics on the training data and `val_*` entries.
 
         Raises:
-            ValueError: For bad data (an input type `keras.Model.fit` does
-                not take, too few rows, ...) or bad solver arguments; raised
-                before any weight changes.
-            TypeError: For `options` that are neither a dict nor a list of
-                dicts.
+            ValueError: For bad data or bad solver arguments, before any
+                weight changes.
         """
         optimizer = self.optimizer if getattr(self, "compiled", False) else None
         if not isinstance(optimizer, BatchOptimizer):
@@ -2628,9 +2229,7 @@ class _BatchOptimizedMixin:
         with _INTERRUPTS.deferred():
             solver_kwargs = {"bounds": bounds, "constraints": constraints, "tol": tol}
             if isinstance(optimizer, ScipyBatchOptimizer):
-                runs = _plan_runs(
-                    optimizer, method, epochs, options, pretrain_fn, warn=True
-                )
+                runs = _plan_runs(optimizer, method, epochs, options, pretrain_fn, True)
             else:  # the optimizer's own minimize() reads method and options
                 solver_kwargs.update(method=method, options=options)
                 runs = [_Run("l-bfgs-b", epochs or _DEFAULT_EPOCHS, {}, pretrain_fn)]
@@ -2647,26 +2246,15 @@ class _BatchOptimizedMixin:
                     x, y, sample_weight, validation_split
                 )
             optimizer.build(
-                self,
-                x,
-                y,
-                sample_weight,
-                batch_size=batch_size,
-                class_weight=class_weight,
-                steps=steps_per_epoch,
+                self, x, y, sample_weight, batch_size, class_weight, steps_per_epoch
             )
-            validation = None
-            if validation_data is not None:
-                validation = _aligned(
-                    self,
-                    _make_validation(
-                        self,
-                        validation_data,
-                        validation_batch_size or batch_size,
-                        validation_steps,
-                        optimizer.max_dataset_bytes,
-                    ),
-                )
+            validation = None if validation_data is None else _aligned(
+                self,
+                _make_validation(
+                    self, validation_data, validation_batch_size or batch_size,
+                    validation_steps, optimizer.max_dataset_bytes,
+                ),
+            )
             verbose = 1 if verbose == "auto" else verbose
             last_epoch = initial_epoch + sum(run.budget for run in runs)
             callbacks, history = _make_callbacks(self, callbacks, verbose, last_epoch)
@@ -2715,16 +2303,13 @@ def _check_keras_optimizer_name(name):
 class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
     """A `keras.Model` that trains with a full-batch solver or a Keras optimizer.
 
-    Build it with the functional API (`inputs=`, `outputs=`) or subclass it,
-    exactly as `keras.Model`. `compile(optimizer="l-bfgs-b")` (or any
-    `scipy.optimize.minimize` method, or a `BatchOptimizer`) makes `fit()` run
-    that solver on the full data; `compile(optimizer="adam")` makes it a plain
-    Keras model again, keeping its weights.
-
-    During a full-batch fit the model is called with `training=False`:
-    Dropout and noise layers are identity and BatchNormalization uses (and
-    never updates) its moving statistics, so the objective is a deterministic
-    function of the weights and equals what `evaluate()` reports.
+    Build it with the functional API or subclass it, exactly as `keras.Model`.
+    `compile(optimizer="l-bfgs-b")` (any `scipy.optimize.minimize` method, or
+    a `BatchOptimizer`) makes `fit()` run that solver on the full data;
+    `compile(optimizer="adam")` makes it a plain Keras model again. The
+    solver calls the model with `training=False` (Dropout off, BatchNorm's
+    moving statistics used and kept), so the loss is a deterministic
+    function of the weights.
 
     Example:
 
@@ -2761,21 +2346,14 @@ class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
 
 def _is_functional_call(args, kwargs):
     """Keras' `functional_init_arguments`: called with inputs and outputs?"""
-    return (
-        len(args) == 2
-        or (len(args) == 1 and "outputs" in kwargs)
-        or ("inputs" in kwargs and "outputs" in kwargs)
-    )
+    with_outputs = "outputs" in kwargs and (len(args) == 1 or "inputs" in kwargs)
+    return len(args) == 2 or with_outputs
 
 
 def _functional_class():
-    """Returns Keras' Functional model class.
-
-    It is not public API: `keras.Model.__new__` returns a (not yet
-    initialized) instance of it for functional arguments, so we take its type
-    rather than import `keras.src`. Building a real model here would fix the
-    global dtype policy at import and break `keras.config.set_floatx()`.
-    """
+    """Returns Keras' private Functional class without importing `keras.src`:
+    `keras.Model.__new__` returns an uninitialized instance of it for
+    functional arguments (building a model here would fix the dtype policy)."""
     return type(keras.Model.__new__(keras.Model, None, None))
 
 
@@ -2792,11 +2370,8 @@ _FunctionalBatchOptimizedModel.__qualname__ = "BatchOptimizedModel"
 
 
 def _with_functional_base(cls):
-    """Returns `cls` with `BatchOptimizedModel` swapped for its functional twin.
-
-    For a user's subclass, this rewrites its bases in place, as Keras'
-    `inject_functional_model_class` does for every `keras.Model` subclass.
-    """
+    """Returns `cls` with `BatchOptimizedModel` swapped for its functional twin
+    (a user's subclass gets its bases rewritten, as Keras does to them)."""
     if cls is BatchOptimizedModel:
         return _FunctionalBatchOptimizedModel
     cls.__bases__ = tuple(
@@ -2810,18 +2385,8 @@ def _with_functional_base(cls):
 class BatchOptimizedSequentialModel(BatchOptimizedModel, keras.Sequential):
     """A `keras.Sequential` model that a full-batch solver can train.
 
-    Everything said of `BatchOptimizedModel` holds.
-
-    Example:
-
-    ```python
-    model = kormos.BatchOptimizedSequentialModel([
-        keras.Input(shape=(5,)),
-        keras.layers.Dense(1),
-    ])
-    model.compile(loss="mse", optimizer="newton-cg")
-    model.fit(x, y, epochs=10)
-    ```
+    Everything said of `BatchOptimizedModel` holds. Example:
+    `kormos.BatchOptimizedSequentialModel([keras.Input((5,)), keras.layers.Dense(1)])`.
     """
 
 
@@ -2844,13 +2409,10 @@ def _compat_module(name, doc, **attrs):
 models = _compat_module(
     "models",
     "kormos 0.1 names: kormos.models.BatchOptimizedModel, ...",
-    BatchOptimizedModel=BatchOptimizedModel,
-    BatchOptimizedSequentialModel=BatchOptimizedSequentialModel,
+    **{c.__name__: c for c in (BatchOptimizedModel, BatchOptimizedSequentialModel)},
 )
 optimizers = _compat_module(
     "optimizers",
     "kormos 0.1 names: kormos.optimizers.ScipyBatchOptimizer, ...",
-    BatchOptimizer=BatchOptimizer,
-    ScipyBatchOptimizer=ScipyBatchOptimizer,
-    get=get,
+    **{c.__name__: c for c in (BatchOptimizer, ScipyBatchOptimizer, get)},
 )

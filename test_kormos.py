@@ -140,11 +140,58 @@ def test_all_public_names_in___all__():
     assert all(hasattr(kormos, name) for name in kormos.__all__)
 
 
-def test_no_private_imports():
-    text = Path(kormos.__file__).read_text()
-    assert "keras.src" not in text.replace('"keras.src"', "").replace("`keras.src`", "")
-    assert "tensorflow.python" not in text
-    assert "scipy.optimize._" not in text
+# Functions allowed to touch a private attribute of Keras or TensorFlow, each
+# with a comment saying why and which Keras source it mirrors.
+PRIVATE_API_HELPERS = {"_all_layers": "_flatten_layers", "_resumed_epoch": "_initial_epoch"}
+
+
+def test_no_private_imports_and_private_attributes_only_in_isolated_helpers():
+    import ast
+
+    tree = ast.parse(Path(kormos.__file__).read_text())
+    imported = [
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    private = ("keras.src", "tensorflow.python", "scipy.optimize._")
+    assert not [name for name in imported if name.startswith(private)]
+    # Private names kormos defines itself: functions, classes, attributes.
+    own = {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    } | {
+        node.attr
+        for statement in ast.walk(tree)
+        if isinstance(statement, (ast.Assign, ast.AugAssign))
+        for target in getattr(statement, "targets", [getattr(statement, "target", None)])
+        for node in ast.walk(target)
+        if isinstance(node, ast.Attribute)
+    }
+
+    def private_names(node):
+        """Private attribute names read at `node`: x._name or getattr(x, "_name")."""
+        if isinstance(node, ast.Attribute):
+            yield node.attr
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "getattr"
+            and isinstance(node.args[1], ast.Constant)
+        ):
+            yield node.args[1].value
+
+    foreign = {}
+    for function in ast.walk(tree):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                for name in private_names(node):
+                    if name.startswith("_") and not name.startswith("__") and name not in own:
+                        foreign.setdefault(name, set()).add(function.name)
+    foreign.pop("_getframe", None)  # sys._getframe: documented CPython API
+    allowed = {attr: {helper} for helper, attr in PRIVATE_API_HELPERS.items()}
+    assert foreign == allowed
 
 
 def test_seed_compatibility_names():
@@ -1099,8 +1146,13 @@ def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
     best = tuner.get_best_hyperparameters(1)[0]
     assert best.get("l2") == 1e-4
     trials = tuner.oracle.get_best_trials(4)
-    scores = [t.score for t in trials]
-    assert scores == sorted(scores) and len(scores) >= 2
+    by_l2 = {}
+    for trial in trials:
+        by_l2.setdefault(trial.hyperparameters.get("l2"), []).append(trial.score)
+    assert max(by_l2[1e-4]) < min(by_l2[10.0])  # the scores are the val_loss
+    restored = tuner.get_best_models(1)[0]
+    best_loss = restored.evaluate(x[90:], y[90:], batch_size=30, verbose=0)
+    np.testing.assert_allclose(best_loss, trials[0].score, rtol=1e-5)
 
 
 # =============================================================================
@@ -2002,9 +2054,10 @@ def test_non_finite_loss_mid_run_keeps_last_finite_iterate(float64):
             np.ones((4, 1)), np.ones((4, 1)), epochs=20, verbose=0, callbacks=[callback]
         )
     w = model.optimizer.get_weights()
-    assert np.all(np.isfinite(history.history["loss"]))
-    assert w[0] <= 5.0
-    np.testing.assert_array_equal(w, iterates[-1] if iterates else [0.0])
+    assert iterates and np.all(np.isfinite(history.history["loss"]))
+    assert 0.0 < w[0] <= 5.0  # it moved, and stopped before the wall
+    np.testing.assert_array_equal(w, iterates[-1])
+    assert model.optimizer.results[-1].status == 98
     assert "not finite" in model.optimizer.results[-1].message
 
 
