@@ -108,6 +108,20 @@ def effective_l2(l2):
     return float(keras.regularizers.L2(l2)(one))
 
 
+def breadth(values, fast=1, ids=None, unpack=False):
+    """Parameters of which the first `fast` run in the fast test run
+    (`-m "not slow"`) and the rest are marked `slow`."""
+    ids = ids or [None] * len(values)
+    return [
+        pytest.param(
+            *(value if unpack else [value]),
+            id=i,
+            marks=() if n < fast else pytest.mark.slow,
+        )
+        for n, (value, i) in enumerate(zip(values, ids))
+    ]
+
+
 def fit_quietly(model, *args, **kwargs):
     kwargs.setdefault("verbose", 0)
     with warnings.catch_warnings():
@@ -290,7 +304,8 @@ def finite_difference_gradient(f, x, eps):
 
 
 @pytest.mark.parametrize(
-    "dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)]
+    "dtype,eps,rtol",
+    breadth([("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)], unpack=True),
 )
 def test_gradient_matches_finite_differences(dtype, eps, rtol):
     with floatx(dtype):
@@ -302,7 +317,8 @@ def test_gradient_matches_finite_differences(dtype, eps, rtol):
 
 
 @pytest.mark.parametrize(
-    "dtype,eps,rtol", [("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)]
+    "dtype,eps,rtol",
+    breadth([("float64", 1e-6, 1e-6), ("float32", 1e-2, 3e-2)], unpack=True),
 )
 def test_hessp_matches_finite_differences_of_gradient(dtype, eps, rtol):
     with floatx(dtype):
@@ -361,7 +377,7 @@ def test_set_weights_rejects_wrong_size():
 # =============================================================================
 
 
-@pytest.mark.parametrize("method", GRADIENT_METHODS)
+@pytest.mark.parametrize("method", breadth(GRADIENT_METHODS, fast=2))
 def test_every_gradient_method_reaches_least_squares_optimum(method, float64):
     x, y = regression_data()
     model = linear_model(l2=1e-2)
@@ -416,6 +432,7 @@ def readme_regression_data(rank=50):
     return w, X, y, Xval, yval
 
 
+@pytest.mark.slow
 def test_readme_sequential_lbfgs_example_reproduces_its_table():
     rank = 50
     w, X, y, Xval, yval = readme_regression_data(rank)
@@ -474,6 +491,7 @@ def test_readme_sequential_lbfgs_example_reproduces_its_table():
     }
 
 
+@pytest.mark.slow
 def test_readme_functional_newton_cg_example():
     rank = 50
     w, X, y, Xval, yval = readme_regression_data(rank)
@@ -524,6 +542,7 @@ def matrix_factorization_model(rank, num_users, num_items, **kwargs):
     return kormos.models.BatchOptimizedModel(inputs=inputs, outputs=output, **kwargs)
 
 
+@pytest.mark.slow
 def test_readme_matrix_factorization_example_aligns_targets():
     rng = np.random.default_rng(0)
     num_users, num_items, n = 30, 40, 600
@@ -607,6 +626,7 @@ def test_subclass_with_two_positional_constructor_arguments_like_keras():
     assert isinstance(functional, kormos.BatchOptimizedModel)
 
 
+@pytest.mark.slow
 def test_model_overriding_compute_loss_trains_on_that_loss(float64):
     class MeanAbsolute(kormos.BatchOptimizedSequentialModel):
         def compute_loss(
@@ -625,6 +645,7 @@ def test_model_overriding_compute_loss_trains_on_that_loss(float64):
     assert abs(np.median(residual)) < 1e-3
 
 
+@pytest.mark.slow
 def test_evaluate_with_1d_targets_after_fit_with_validation():
     x, y = regression_data()
     model = linear_model()
@@ -637,6 +658,7 @@ def test_evaluate_with_1d_targets_after_fit_with_validation():
     )
 
 
+@pytest.mark.slow
 def test_recompile_switches_between_adam_and_lbfgs_keeping_weights():
     x, y = regression_data()
     model = linear_model()
@@ -656,6 +678,7 @@ def test_recompile_switches_between_adam_and_lbfgs_keeping_weights():
     )
 
 
+@pytest.mark.slow
 def test_adam_path_matches_plain_keras():
     x, y = regression_data()
     histories = []
@@ -688,7 +711,9 @@ def two_in_two_out_data(n=90):
     return xa, xb, y1, y2, rng.random(n)
 
 
-@pytest.mark.parametrize("loss_weights", [[1.0, 0.25], {"out1": 1.0, "out2": 0.25}])
+@pytest.mark.parametrize(
+    "loss_weights", breadth([[1.0, 0.25], {"out1": 1.0, "out2": 0.25}], ids=["list", "dict"])
+)
 def test_multi_input_multi_output_objective_equals_evaluate(loss_weights, float64):
     xa, xb, y1, y2, sw = two_in_two_out_data()
     model = two_in_two_out_model()
@@ -702,6 +727,7 @@ def test_multi_input_multi_output_objective_equals_evaluate(loss_weights, float6
     np.testing.assert_allclose(history.history["loss"][-1], reported["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dict_inputs_and_dataset_inputs_give_the_same_objective(float64):
     xa, xb, y1, y2, sw = two_in_two_out_data()
     losses = []
@@ -781,7 +807,7 @@ STOP_METHODS = [
 ]
 
 
-@pytest.mark.parametrize("method", STOP_METHODS)
+@pytest.mark.parametrize("method", breadth(STOP_METHODS, fast=2))
 def test_stop_training_ends_the_solver_after_that_iteration(method):
     x, y = regression_data()
     model = linear_model()
@@ -812,6 +838,7 @@ def test_early_stopping_stops_the_solver():
     assert stopper.stopped_epoch == 1
 
 
+@pytest.mark.slow
 def test_model_holds_the_iterate_during_on_epoch_end(float64):
     x, y = regression_data()
     model = linear_model()
@@ -854,6 +881,7 @@ def test_training_metrics_in_every_row_without_extra_passes(float64):
     assert h["fg_evals"][-1] == model.optimizer.fg_evals
 
 
+@pytest.mark.slow
 def test_validation_split_freq_and_batch_size(float64):
     x, y = regression_data(n=100)
     model = linear_model()
@@ -1124,6 +1152,7 @@ def test_optimizer_config_round_trip():
     assert clone.method == "tnc" and clone.tol == 1e-3
 
 
+@pytest.mark.slow
 def test_keras_tuner_random_search_picks_best_val_trial(tmp_path):
     keras_tuner = pytest.importorskip("keras_tuner")
     x, y = regression_data(n=120)
@@ -1219,7 +1248,7 @@ INPUT_FORMS = {
 }
 
 
-@pytest.mark.parametrize("form", INPUT_FORMS)
+@pytest.mark.parametrize("form", breadth(list(INPUT_FORMS), fast=1))
 def test_fit_takes_every_input_form_that_keras_takes(form, float64):
     x, y = small_data()
     model, plain = twin_models()
@@ -1301,7 +1330,7 @@ def builtin_callbacks():
     return names
 
 
-@pytest.mark.parametrize("name", builtin_callbacks())
+@pytest.mark.parametrize("name", breadth(builtin_callbacks(), fast=0))
 def test_every_builtin_callback_works_or_is_ignored_with_a_warning(name, tmp_path):
     x, y = small_data()
     arguments = CALLBACK_ARGUMENTS.get(name, lambda tmp: {})(tmp_path)
@@ -1338,6 +1367,7 @@ class InterruptAt(keras.callbacks.Callback):
             raise RuntimeError("preempted")
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_at_the_epoch_keras_resumes_at(tmp_path):
     x, y = small_data()
     model, plain = twin_models()
@@ -1367,6 +1397,7 @@ def test_backup_and_restore_resumes_at_the_epoch_keras_resumes_at(tmp_path):
     assert epochs["kormos"] == epochs["keras"] == [4, 5, 6, 7]
 
 
+@pytest.mark.slow
 def test_summary_counts_the_weights_once_and_shows_batch_none():
     model, plain = twin_models()
     model.compile(loss="mse", optimizer="l-bfgs-b")
@@ -1406,6 +1437,7 @@ def test_summary_counts_the_weights_once_and_shows_batch_none():
     assert shown[Subclassed] == shown[PlainSubclassed] == ["(None, 1)"]
 
 
+@pytest.mark.slow
 def test_evaluate_predict_and_batch_methods_match_keras(float64):
     x, y = small_data()
     model, plain = twin_models()
@@ -1421,6 +1453,7 @@ def test_evaluate_predict_and_batch_methods_match_keras(float64):
     np.testing.assert_allclose(model.predict_on_batch(x), plain.predict_on_batch(x))
 
 
+@pytest.mark.slow
 def test_train_on_batch_points_at_fit_and_works_when_compiled_with_adam():
     x, y = small_data()
     model, plain = twin_models()
@@ -1433,6 +1466,7 @@ def test_train_on_batch_points_at_fit_and_works_when_compiled_with_adam():
     np.testing.assert_allclose(model.get_weights()[0], plain.get_weights()[0])
 
 
+@pytest.mark.slow
 def test_adam_compiled_model_saves_and_loads_compiled_like_keras(tmp_path):
     x, y = small_data()
     histories = {}
@@ -1484,7 +1518,7 @@ def test_constructor_arguments_positional_and_by_keyword_like_keras():
         assert model.count_params() == plain.count_params() == 4
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", breadth(["float64", "float32"], fast=0))
 def test_fit_inside_a_strategy_scope_equals_fit_without_one(dtype):
     x, y = small_data()
     histories = []
@@ -1579,7 +1613,7 @@ class CountsForwardPasses(keras.layers.Layer):
         return x
 
 
-@pytest.mark.parametrize("method", ["l-bfgs-b", "newton-cg", "trust-ncg"])
+@pytest.mark.parametrize("method", breadth(["l-bfgs-b", "newton-cg", "trust-ncg"]))
 def test_a_fit_evaluates_only_what_the_solver_asks_for(method, float64):
     x, y = small_data()
     counter = CountsForwardPasses()
@@ -1632,7 +1666,7 @@ class StartsTimer(ArrayBatches):
         return super().__getitem__(i)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.1])
+@pytest.mark.parametrize("delay", breadth([0.5, 0.0, 0.01, 0.05, 0.1, 0.2, 0.35, 0.7, 0.9, 1.1]))
 def test_weights_match_the_last_history_row_whenever_ctrl_c_arrives(delay):
     x, y = small_data()
     model, _ = twin_models(width=8)
@@ -1726,6 +1760,7 @@ def test_0_1_batch_optimizer_builds_on_an_xyw_tuple_with_exact_derivatives(float
         np.testing.assert_allclose(optimizer.hessp(x0, np.eye(3)[k]), hess[:, k])
 
 
+@pytest.mark.slow
 def test_0_1_minimize_returns_the_weights_and_chains_lists(float64):
     loss = keras.losses.MeanSquaredError(reduction="sum")
     model, data, w = ols_problem_0_1(rank=5, loss=loss)
@@ -1903,7 +1938,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize("case", breadth(BAD_INPUTS, 6, ids=[c[0] for c in BAD_INPUTS]))
 def test_bad_input_raises_before_weights_change(case):
     _, kwargs, error, pattern = case
     kwargs = dict(kwargs)
@@ -2106,6 +2141,7 @@ shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
     dtype=st.sampled_from(["float32", "float64", "float16"]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_pack_unpack_round_trip_property(shape_list, dtype, seed):
     rng = np.random.default_rng(seed)
     variables = [
@@ -2122,6 +2158,7 @@ def test_pack_unpack_round_trip_property(shape_list, dtype, seed):
         kormos.unpack_weights(np.zeros(x.size + 1), variables)
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch_size=st.integers(1, 40), n=st.integers(5, 40))
 def test_objective_is_independent_of_batch_size_property(batch_size, n):
@@ -2300,6 +2337,7 @@ class DecayODE(kormos.BatchOptimizedSequentialModel):
         return tf.reduce_mean((du + u) ** 2) + tf.reduce_sum((u0 - 1.0) ** 2)
 
 
+@pytest.mark.slow
 def test_physics_informed_ode_adam_then_lbfgs(float64):
     t = np.linspace(0, 2, 64)[:, None]
     model = DecayODE(
@@ -2447,6 +2485,7 @@ print(f"STREAM-OK grew={after - before:.0f}MB peak={after:.0f}MB loss={f:.4f}")
 """
 
 
+@pytest.mark.slow
 def test_streaming_dataset_of_ten_million_rows_stays_in_bounded_memory(tmp_path):
     import subprocess
     import sys
@@ -2461,7 +2500,8 @@ def test_streaming_dataset_of_ten_million_rows_stays_in_bounded_memory(tmp_path)
     assert int(match.group(1)) < 250  # one batch is 8 MB; all rows 800 MB
 
 
-@pytest.mark.parametrize("batch_size", [16, None])  # XLA step in a loop / whole
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", breadth([None, 16]))  # XLA whole / in a loop
 def test_jit_compile_gives_the_same_objective(float64, batch_size):
     model, _, x, y = mlp_problem(n=50)
     optimizers = {}
@@ -2552,9 +2592,13 @@ def embedding_data():
     return items, np.random.default_rng(0).normal(size=(300, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "jit_compile, numpy_layer, expected",
-    [("auto", False, "xla"), (False, False, "plain"), ("auto", True, "fell back")],
+    breadth(
+        [("auto", False, "xla"), (False, False, "plain"), ("auto", True, "fell back")],
+        unpack=True,
+    ),
 )
 def test_auto_jit_compiles_embedding_models_and_falls_back(
     float64, jit_compile, numpy_layer, expected
@@ -2577,6 +2621,7 @@ def test_auto_jit_compiles_embedding_models_and_falls_back(
     np.testing.assert_allclose(hv, reference.hessp(w0, v), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_jit_compile_true_raises_when_xla_cannot_compile(float64):
     x, y = embedding_data()
     model = embedding_model(True, numpy_layer=True)
@@ -2585,6 +2630,7 @@ def test_jit_compile_true_raises_when_xla_cannot_compile(float64):
         opt.func(opt.get_weights())
 
 
+@pytest.mark.slow
 def test_saved_model_keeps_the_jit_compile_request(tmp_path):
     x, y = embedding_data()
     model = embedding_model("auto")
@@ -2607,6 +2653,7 @@ def readme_python_blocks():
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path):
     import subprocess
     import sys
@@ -2682,6 +2729,7 @@ print("RESULT", json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": h
 """
 
 
+@pytest.mark.slow
 def test_multi_worker_strategy_on_two_local_processes_matches_one_device(tmp_path):
     import json
     import socket
