@@ -164,7 +164,7 @@ def plot(rows, args):
 
     _, seconds, _, error = np.array(rows).T
     fig, ax = plt.subplots(figsize=(6, 4))
-    jit = "XLA" if args.jit else "graph"
+    jit = "XLA" if args.jit == "on" else "graph"
     ax.semilogy(seconds, error, label=f"kormos L-BFGS-B, {args.precision}, {jit}")
     ax.axhline(
         PAPER_ERROR, color="k", ls="--", lw=1, label="Raissi et al. (2019): 6.7e-4"
@@ -192,12 +192,14 @@ def main():
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget")
     parser.add_argument(
         "--jit",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="compile with XLA (on CPUs 1.6x slower here than TensorFlow's graph)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="XLA: compile(jit_compile=...); 'auto' is kormos' choice (no XLA on CPUs)",
     )
     parser.add_argument("--collocation", type=int, default=10_000, help="N_f")
-    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="TensorFlow threads (0: all cores)"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
         "--every",
@@ -208,8 +210,9 @@ def main():
     parser.add_argument("--plot", default="burgers_pinn.png", help="output PNG path")
     args = parser.parse_args()
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     keras.config.set_floatx(args.precision)
     keras.utils.set_random_seed(args.seed)
 
@@ -217,7 +220,8 @@ def main():
     model = BurgersPINN(
         tx_u=tx_u, u_u=u_u, lower=grid.min(axis=0), upper=grid.max(axis=0)
     )
-    model.compile(optimizer="l-bfgs-b", jit_compile=args.jit)
+    jit_compile = {"auto": "auto", "on": True, "off": False}[args.jit]
+    model.compile(optimizer="l-bfgs-b", jit_compile=jit_compile)
     log = ErrorLog(grid, u_grid, args.every, args.minutes)
     print(" iteration   seconds      loss    rel. L2 error")
     model.fit(
