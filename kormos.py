@@ -1202,7 +1202,7 @@ class BatchOptimizer:
         metrics = {k: float(v) for k, v in metrics.items()}
         value = (float(loss), gradient.numpy(), metrics)
         finite = bool(np.isfinite(value[0]) and np.all(np.isfinite(value[1])))
-        entry = (x.numpy(), value, finite)  # the tensor's own buffer: no copy
+        entry = (x.numpy(), value, finite)  # a copy: scipy reuses its buffer
         self._cache = (self._cache + [entry])[-self.max_cache_entries :]
         self.fg_evals, self._holds = self.fg_evals + 1, entry[0]
         _warn_unused_variables(self._objective)
@@ -1483,6 +1483,9 @@ class ScipyBatchOptimizer(BatchOptimizer):
         else:
             state.report_final(result.x)
             _explain_float32_stall(result, state.losses, self._objective.variables)
+        if not isinstance(result.get("hess_inv"), (np.ndarray, type(None))):
+            # L-BFGS-B's operator holds scipy's whole workspace (~25 x n floats).
+            del result["hess_inv"]
         self.set_weights(result.x)
         return result
 
@@ -1632,9 +1635,7 @@ class _RunState:
         self.x0 = self.x = x0  # the start, and the last accepted iterate
         self.nit, self.losses = 0, []  # the losses of the last two iterates
         self.evals_before = (optimizer.fg_evals, optimizer.hessp_evals)
-        self.counts_itself = not run.maxiter_is_budget or not isinstance(
-            run.method, str
-        )
+        self.counts_itself = _method_name(run.method) in (*_COUNTED_BY_KORMOS, "custom")
 
     def loss_and_gradient(self, x):
         self._stop_if_interrupted()
@@ -1676,9 +1677,8 @@ class _RunState:
 
     def _stop_if_interrupted(self):
         if _INTERRUPTS.requested:
-            raise _StopRun(
-                _STATUS_INTERRUPTED, "Interrupted by Ctrl-C; the last iterate is kept."
-            )
+            message = "Interrupted by Ctrl-C; the last iterate is kept."
+            raise _StopRun(_STATUS_INTERRUPTED, message)
 
     def report_final(self, x):
         """Passes the solver's answer to the callback if it is a new point."""
@@ -1779,20 +1779,21 @@ def _resolve_bounds(bounds, variables, method):
     Merges the user's `bounds` with the lower bounds of 0 that Keras' `NonNeg`
     constraints imply; other Keras constraints are not boxes (ignored).
     """
-    n, offsets = sum(_sizes(variables)), np.cumsum([0] + _sizes(variables))
-    lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
-    for i, v in enumerate(variables):
-        if isinstance(v.constraint, keras.constraints.NonNeg):
-            lower[offsets[i] : offsets[i + 1]] = 0.0
-        elif v.constraint is not None:
+    nonneg = [isinstance(v.constraint, keras.constraints.NonNeg) for v in variables]
+    for v, box in zip(variables, nonneg):
+        if v.constraint is not None and not box:
             _warn(
                 f"The constraint {type(v.constraint).__name__} on {v.path} is "
                 "not a box, so a full-batch solver cannot enforce it; it is "
                 "ignored."
             )
-    if bounds is None and np.isfinite(lower).any() and method not in (
-        _BOUNDS_METHODS + ("custom",)
-    ):
+    if bounds is None and not any(nonneg):
+        return None
+    n, offsets = sum(_sizes(variables)), np.cumsum([0] + _sizes(variables))
+    lower, upper = np.full(n, -np.inf), np.full(n, np.inf)
+    for i in np.flatnonzero(nonneg):
+        lower[offsets[i] : offsets[i + 1]] = 0.0
+    if bounds is None and method not in _BOUNDS_METHODS + ("custom",):
         _warn(
             f"Method {method!r} cannot enforce the NonNeg constraints of this "
             f"model; use one of {', '.join(_BOUNDS_METHODS)} to keep those "
