@@ -2266,9 +2266,45 @@ class Burgers:
         return model
 
 
-def make_pinn_ideal(model, tx_f, jit_compile):
+def burgers_loss_by(model, how, nu):
+    """The example's MSE_u + MSE_f with u_t, u_x, u_xx taken another way than
+    its nested tapes: "batch_jacobian" (a `batch_jacobian` per tape) or
+    "forward-over-reverse" (a `ForwardAccumulator` around the inner tape)."""
+
+    def loss(tx):
+        if how == "batch_jacobian":
+            with tf.GradientTape() as outer:
+                outer.watch(tx)
+                with tf.GradientTape() as inner:
+                    inner.watch(tx)
+                    u = model(tx)
+                du = inner.batch_jacobian(u, tx)[:, 0, :]
+            u_xx = outer.batch_jacobian(du, tx)[:, 1, 1]
+            u = u[:, 0]
+        else:
+            along_x = tf.tile(tf.constant([[0.0, 1.0]], tx.dtype), [tf.shape(tx)[0], 1])
+            with tf.autodiff.ForwardAccumulator(tx, along_x) as accumulator:
+                with tf.GradientTape() as tape:
+                    tape.watch(tx)
+                    u = model(tx)[:, 0]
+                du = tape.gradient(u, tx)
+            u_xx = accumulator.jvp(du)[:, 1]
+        u_t, u_x = du[:, 0], du[:, 1]
+        mse_f = tf.reduce_mean((u_t + u * u_x - nu * u_xx) ** 2)
+        mse_u = tf.reduce_mean((model(model.tx_u) - model.u_u) ** 2)
+        return mse_u + mse_f
+
+    return loss
+
+
+PINN_DERIVATIVES = ("batch_jacobian", "forward-over-reverse")
+
+
+def make_pinn_ideal(model, tx_f, jit_compile, loss_fn=None):
     """The hand-written compiled loss + gradient around the model's own
-    `compute_loss`, over the flat float64 vector."""
+    `compute_loss` (or `loss_fn(tx)`), over the flat float64 vector."""
+    if loss_fn is None:
+        loss_fn = lambda tx: model.compute_loss(x=tx)  # noqa: E731
     variables = list(model.trainable_variables)
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
@@ -2279,7 +2315,7 @@ def make_pinn_ideal(model, tx_f, jit_compile):
         for v, part, shape in zip(variables, tf.split(w, sizes), shapes):
             v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
         with tf.GradientTape() as tape:
-            loss = model.compute_loss(x=tx)
+            loss = loss_fn(tx)
         grads = tape.gradient(loss, variables)
         flat = tf.concat([tf.reshape(tf.cast(g, tf.float64), [-1]) for g in grads], 0)
         return tf.cast(loss, tf.float64), flat
@@ -2397,6 +2433,14 @@ def _pinn_evals(problem, dtype):
         fns["kormos " + mode] = functools.partial(_perturbed, fg, x0, eps)
         fns["ideal " + mode] = functools.partial(_perturbed, ideal, x0, eps)
         out["model " + mode] = model
+    # Other ways to take the input derivatives, graph only: under XLA they
+    # recompiled at every call (TF 2.21).
+    model, eps = out["model graph"], 1e-9 * np.maximum(1.0, np.abs(x0))
+    for how in PINN_DERIVATIVES:
+        loss_fn = burgers_loss_by(model, how, problem.nu)
+        ideal = make_pinn_ideal(model, tx_f, False, loss_fn)
+        values["ideal graph, " + how] = ideal(x0)[0]
+        fns["ideal graph, " + how] = functools.partial(_perturbed, ideal, x0, eps)
     if torch is not None:
         twin = TorchBurgers(problem, auto, dtype)
         values["torch"] = twin.closure().item()
@@ -2605,6 +2649,28 @@ def _report_pinn(s, problem, evals, fits, budget, torch_threads, allocators):
         ],
         rows,
     )
+    w()
+    w(
+        "Ways to take the input derivatives u_t, u_x, u_xx, each in the "
+        "ideal (graph mode, same network, data and weights): the example's "
+        "nested GradientTapes, a `batch_jacobian` per tape, and a "
+        "`ForwardAccumulator` around the inner tape (forward-over-reverse) "
+        "for u_xx. ms per loss-and-gradient evaluation, in brackets / nested "
+        "tapes."
+    )
+    w()
+    rows = []
+    for dtype, e in evals.items():
+        ms, nested = e["ms"], e["ms"]["ideal graph"]
+        rows.append(
+            [dtype, fmt(nested)]
+            + [
+                f"{fmt(ms['ideal graph, ' + how])} "
+                f"({ms['ideal graph, ' + how] / nested:.2f})"
+                for how in PINN_DERIVATIVES
+            ]
+        )
+    s.table(["dtype", "nested tapes ms", *(f"{h} ms" for h in PINN_DERIVATIVES)], rows)
     for dtype, e in evals.items():
         for mode in ("graph", "XLA"):
             ratio = e[f"ratio {mode}"]
