@@ -83,16 +83,16 @@ _DENSE_MATRICES = {"bfgs": 3, "slsqp": 3, "trust-exact": 4, "dogleg": 3}
 _COUNTED_BY_KORMOS = ("tnc", "cobyla", "cobyqa")
 
 
-def _canonical_method(method, argname="method"):
+def _canonical_method(method):
     """Returns the lower-case scipy method name (or the callable), or raises."""
     if isinstance(method, str) and method.lower() in METHODS:
         return method.lower()
     if callable(method) and not isinstance(method, str):
         return method
     raise ValueError(
-        f"`{argname}` must be a `scipy.optimize.minimize` method name (in any "
-        f"case) or a custom minimizer callable. Valid names: "
-        f"{', '.join(METHODS)}. Received: {argname}={method!r}"
+        "`method` must be a `scipy.optimize.minimize` method name (in any "
+        "case) or a custom minimizer callable. Valid names: "
+        f"{', '.join(METHODS)}. Received: method={method!r}"
     )
 
 
@@ -208,10 +208,10 @@ class _Data:
         """Batches per pass over in-memory data (None for a stream)."""
         return None if self.tensors is None else math.ceil(self.size / self.batch_size)
 
-    def first_batch(self, rows=2):
+    def first_batch(self):
         """Returns a few rows of the data, for probing the model eagerly."""
         if self.tensors is not None:
-            return _map_tensors(lambda t: t[:rows], self.tensors)
+            return _map_tensors(lambda t: t[:2], self.tensors)
         for batch in self.dataset.take(1):
             return batch
         raise ValueError("The training dataset is empty: it yields no batch.")
@@ -505,7 +505,7 @@ def _make_validation(model, validation_data, batch_size, steps, max_bytes):
 
 
 def _align_targets(y, y_pred):
-    """Aligns `y` to `y_pred` the way Keras 2 did, or raises.
+    """Aligns `y` to `y_pred`, or raises.
 
     A target two or more dimensions short of the output gets the output's
     trailing unit dimensions (y of shape (n,) against an output (n, 1, 1)
@@ -580,7 +580,8 @@ class _Objective:
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
         takes_training = "training" in inspect.signature(model.compute_loss).parameters
         self.loss_kwargs = {"training": False} if takes_training else {}
-        self.data, self._stream = None, None  # a dataset is iterated as _stream
+        # A dataset is iterated as _stream; _present: which of (x, y, sw) it has.
+        self.data = self._stream = self._present = None
         self._functions = {}  # (kind, whole pass?) -> (function, plain fallback)
         self._calls = {}  # kind -> the traced function for the bound data
         self.assign = _concrete(
@@ -933,8 +934,9 @@ def _xla_choice(model, jit_compile):
     `jit_compile=True` asks for XLA and `False` forbids it. Under `"auto"`,
     Keras uses XLA on GPUs (where every layer supports it) and never on CPUs;
     kormos also uses it on CPUs for models with an `Embedding` layer, whose
-    gathers XLA runs several times faster (benchmarks/bench.py, "mf" row),
-    with a fall-back to a plain graph. The choice depends only on the model.
+    gathers and scatters XLA fuses into the rest of the pass ("mf" row of
+    benchmarks/bench.py), with a fall-back to a plain graph. The choice
+    depends only on the model.
     """
     if jit_compile is True:
         return True, False
@@ -1041,8 +1043,8 @@ class BatchOptimizer:
         self._objective = None
         self._cache = []  # [(x, (loss, gradient, metrics), finite)], newest last
         # The cached point the weights hold since the last evaluation, unless a
-        # callback ran: not assigning it again saves most of kormos' own time
-        # per iteration at 1.86M weights (benchmarks/bench.py, "large" row).
+        # callback ran: then set_weights(x) need not copy all n weights into
+        # the model again (benchmarks/bench.py, "large" row).
         self._holds = None
 
     @property
@@ -1276,12 +1278,13 @@ def _warn_unused_variables(objective):
 
 def _warn(message):
     """Issues a `UserWarning` attributed to the caller's own code: the first
-    frame outside kormos, Keras and TensorFlow (Python 3.12's
+    frame outside kormos, Keras, TensorFlow and scipy (Python 3.12's
     `skip_file_prefixes` does this by file path; this works on 3.10 too)."""
     frame, level = sys._getframe(1), 2
     while frame is not None and (
         frame.f_globals is globals()
-        or frame.f_globals.get("__name__", "").split(".")[0] in ("keras", "tensorflow")
+        or frame.f_globals.get("__name__", "").split(".")[0]
+        in ("keras", "tensorflow", "scipy")
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
@@ -1454,7 +1457,14 @@ class ScipyBatchOptimizer(BatchOptimizer):
     def _run(self, run, callback, bounds, constraints, tol):
         """Runs one solver from the current weights; returns its result."""
         x0 = self.get_weights()
-        state = _RunState(self, run, callback, x0)
+
+        def call_back(x):
+            try:
+                return callback(x)
+            finally:
+                self._holds = None  # the callback may have changed the weights
+
+        state = _RunState(self, run, callback and call_back, x0, self._cached)
         name = _method_name(run.method)
         arguments = {
             "fun": state.loss if name in _DERIVATIVE_FREE else state.loss_and_gradient,
@@ -1630,8 +1640,9 @@ class _RunState:
     callback), counts iterations and raises `_StopRun` to end the run.
     """
 
-    def __init__(self, optimizer, run, callback, x0):
+    def __init__(self, optimizer, run, callback, x0, remembered):
         self.optimizer, self.run, self.callback = optimizer, run, callback
+        self.remembered = remembered  # x -> the cached (x, value, finite) or None
         self.x0 = self.x = x0  # the start, and the last accepted iterate
         self.nit, self.losses = 0, []  # the losses of the last two iterates
         self.evals_before = (optimizer.fg_evals, optimizer.hessp_evals)
@@ -1662,14 +1673,12 @@ class _RunState:
         # Most methods pass an OptimizeResult, TNC passes x. L-BFGS-B and
         # Newton-CG reuse one buffer for x: keep the cache's copy, or copy.
         x = getattr(intermediate_result, "x", intermediate_result)
-        entry = self.optimizer._cached(x)
+        entry = self.remembered(x)
         self.x = entry[0] if entry else np.array(x, dtype=np.float64)
         self.losses = self.losses[-1:] + ([entry[1][0]] if entry else [])
         self.nit += 1
         self.optimizer.iterations += 1
-        stop = self.callback is not None and self.callback(self.x)
-        self.optimizer._holds = None  # the callback may have changed the weights
-        if stop:
+        if self.callback is not None and self.callback(self.x):
             raise _StopRun(_STATUS_STOPPED, "Stopped by a callback (stop_training).")
         self._stop_if_interrupted()
         if self.counts_itself and self.nit >= self.run.budget:
@@ -1685,11 +1694,10 @@ class _RunState:
         if self.callback is not None and not np.array_equal(x, self.x):
             self.x = np.array(x, dtype=np.float64)
             self.callback(self.x)
-            self.optimizer._holds = None
 
     def result(self, status, message):
         """Builds the result of a run that kormos ended, at the last iterate."""
-        entry = self.optimizer._cached(self.x)
+        entry = self.remembered(self.x)
         return scipy.optimize.OptimizeResult(
             x=self.x,
             fun=entry[1][0] if entry else float("nan"),
@@ -2048,7 +2056,8 @@ _IGNORED_CALLBACKS = (
 
 def _make_callbacks(model, callbacks, verbose, epochs):
     """Returns the `CallbackList` of one full-batch fit and its fresh History."""
-    kept = []
+    # History first: an iteration that a later callback interrupts is logged.
+    kept = [keras.callbacks.History()]
     for callback in callbacks or []:
         if isinstance(callback, _IGNORED_CALLBACKS):
             _warn(
@@ -2056,17 +2065,14 @@ def _make_callbacks(model, callbacks, verbose, epochs):
                 "moving averages of the weights, which full-batch solvers do "
                 "not have; it is ignored."
             )
-            continue
-        kept.append(callback)
-    # History first: an iteration that a later callback interrupts is logged.
-    history = keras.callbacks.History()
-    kept.insert(0, history)
+        else:
+            kept.append(callback)
     if verbose:
         kept.append(_Progress(epochs, live=verbose == 1 and _live_display()))
     callback_list = keras.callbacks.CallbackList(
         kept, add_progbar=False, model=model, verbose=verbose, epochs=epochs, steps=1
     )
-    return callback_list, history
+    return callback_list, kept[0]
 
 
 def _live_display():
@@ -2155,28 +2161,12 @@ class _BatchOptimizedMixin:
         return super().fit
 
     def fit_batch(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        epochs=None,
-        verbose="auto",
-        callbacks=None,
-        validation_split=0.0,
-        validation_data=None,
-        shuffle=True,
-        class_weight=None,
-        sample_weight=None,
-        initial_epoch=0,
-        steps_per_epoch=None,
-        validation_steps=None,
-        validation_batch_size=None,
-        validation_freq=1,
-        method=None,
-        options=None,
-        bounds=None,
-        constraints=None,
-        tol=None,
+        self, x=None, y=None, batch_size=None, epochs=None, verbose="auto",
+        callbacks=None, validation_split=0.0, validation_data=None, shuffle=True,
+        class_weight=None, sample_weight=None, initial_epoch=0, steps_per_epoch=None,
+        validation_steps=None, validation_batch_size=None, validation_freq=1,
+        # kormos' own, as in ScipyBatchOptimizer:
+        method=None, options=None, bounds=None, constraints=None, tol=None,
         pretrain_fn=None,
     ):
         """Trains the model with its batch optimizer on ALL the training data.
@@ -2234,7 +2224,8 @@ class _BatchOptimizedMixin:
                 runs = _plan_runs(optimizer, method, epochs, options, pretrain_fn, True)
             else:  # the optimizer's own minimize() reads method and options
                 solver_kwargs.update(method=method, options=options)
-                runs = [_Run("l-bfgs-b", epochs or _DEFAULT_EPOCHS, {}, pretrain_fn)]
+                budget = _iteration_budget(epochs, {}, "l-bfgs-b", False)
+                runs = [_Run("l-bfgs-b", budget, {}, pretrain_fn)]
             if len(runs) == 1 and not isinstance(epochs, (list, tuple)):
                 if runs[0].budget <= initial_epoch:
                     raise ValueError(

@@ -976,15 +976,15 @@ def test_progress_display_by_verbosity(capsys, monkeypatch):
     fit_quietly(model, x, y, epochs=4, verbose=0)
     assert capsys.readouterr().out == ""
     slow = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: time.sleep(0.05))
-    fit_quietly(
+    history = fit_quietly(
         model, x, y, epochs=4, verbose=2, validation_data=(x, y), callbacks=[slow]
     )
     out = capsys.readouterr().out
-    lines = re.findall(r"Iteration (\d)/4 - (\d+)ms - .*loss: .*", out)
-    assert [int(n) for n, _ in lines] == list(range(1, len(lines) + 1))
-    assert lines
+    lines = re.findall(r"Iteration (\d)/4 - (?:(\d+)ms|(\d+\.\d+)s) - .*loss: .*", out)
+    assert [int(n) for n, _, _ in lines] == [e + 1 for e in history.epoch]
+    assert len(out.splitlines()) == len(history.epoch)
     # Each iteration is timed, the previous one's callbacks included.
-    assert all(int(ms) >= 50 for _, ms in lines[1:])
+    assert all(float(ms or 1e3 * float(s)) >= 50 for _, ms, s in lines[1:])
     assert "grad:" in out and "fg_evals:" in out and "val_loss:" in out
     # verbose=1 in a terminal: one live bar over the iteration budget.
     terminal = Terminal()
@@ -1344,15 +1344,26 @@ def test_every_builtin_callback_works_or_is_ignored_with_a_warning(name, tmp_pat
         plain.compile(loss="mse", optimizer=keras.optimizers.Adam(use_ema=True))
     plain.fit(x, y, epochs=2, verbose=0, validation_data=(x, y), callbacks=[keras_callback])
     model.compile(loss="mse", optimizer="l-bfgs-b")
-    callback = getattr(keras.callbacks, name)(**arguments)
+    own = tmp_path / "kormos"
+    own.mkdir()
+    callback = getattr(keras.callbacks, name)(**CALLBACK_ARGUMENTS.get(name, lambda tmp: {})(own))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = model.fit(
             x, y, epochs=3, verbose=0, validation_data=(x, y), callbacks=[callback]
         )
-    assert len(history.history["loss"]) >= 1
+    rows = len(history.history["loss"])
+    assert rows == 3 or (name == "EarlyStopping" and rows >= 1)
     ignored = [w for w in caught if f"{name} acts on a learning rate" in str(w.message)]
     assert bool(ignored) == (name in IGNORED_CALLBACKS)
+    if name == "CSVLogger":
+        assert len((own / "log.csv").read_text().splitlines()) == 1 + rows
+    if name == "ModelCheckpoint":
+        assert keras.models.load_model(own / "best.keras").optimizer.method == "l-bfgs-b"
+    if name == "TensorBoard":
+        assert list((own / "tb").rglob("*.tfevents.*"))
+    if name == "BackupAndRestore":
+        assert not (own / "backup").exists()  # deleted after a completed fit, as Keras does
 
 
 class InterruptAt(keras.callbacks.Callback):
@@ -1616,6 +1627,31 @@ class CountsForwardPasses(keras.layers.Layer):
 
 
 @pytest.mark.parametrize("method", breadth(["l-bfgs-b", "newton-cg", "trust-ncg"]))
+class GradientDescent(kormos.BatchOptimizer):
+    """A custom batch optimizer: gradient descent with a fixed step."""
+
+    def minimize(self, epochs=None, callback=None, pretrain_fn=None, **kwargs):
+        x = self.get_weights()
+        for _ in range(epochs):
+            x = x - 0.05 * self.func_and_grad(x)[1]
+            self.set_weights(x)
+            if callback is not None and callback(x):
+                break
+        return x
+
+
+def test_a_custom_batch_optimizer_trains_through_fit():
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer=GradientDescent("gd"))
+    history = model.fit(x, y, epochs=5, verbose=0)
+    assert len(history.epoch) == 5 and np.all(np.diff(history.history["loss"]) < 0)
+    assert len(model.fit(x, y, verbose=0).epoch) == 20  # the default budget
+    for epochs in (0, True, [2, 3]):
+        with pytest.raises(ValueError, match="`epochs` must be a positive integer"):
+            model.fit(x, y, epochs=epochs, verbose=0)
+
+
 def test_a_fit_evaluates_only_what_the_solver_asks_for(method, float64):
     x, y = small_data()
     counter = CountsForwardPasses()
@@ -1822,7 +1858,9 @@ def test_0_1_fit_points_to_fit_batch_when_compiled_with_a_batch_optimizer():
 
 
 def test_0_1_constructor_argument_order_and_defaults():
-    optimizer = kormos.optimizers.ScipyBatchOptimizer("scipy", "bfgs", 4)
+    # 0.1's order: name, method, epochs, pretrain_fn, options, ...
+    options = {"gtol": 0.0}  # no early convergence: the run uses its whole budget
+    optimizer = kormos.optimizers.ScipyBatchOptimizer("scipy", "bfgs", 4, None, options)
     assert (optimizer.name, optimizer.method, optimizer.epochs) == ("scipy", "bfgs", 4)
     base = kormos.optimizers.BatchOptimizer("batch", 2**10, 10, tf.float64)
     assert (base.name, base.batch_size, base.max_cache_entries) == ("batch", 1024, 10)
@@ -1830,9 +1868,9 @@ def test_0_1_constructor_argument_order_and_defaults():
     model, _ = twin_models()
     model.compile(loss="mse", optimizer=optimizer)
     optimizer.build(model, x, y).minimize()  # the constructor's epochs
-    assert optimizer.iterations <= 4 and optimizer.results[-1].nit <= 4
+    assert optimizer.iterations == optimizer.results[-1].nit == 4
     assert type(kormos.optimizers.get("L-BFGS-B")) is kormos.ScipyBatchOptimizer
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Received: identifier='invalid'"):
         kormos.optimizers.get("invalid")
     with pytest.raises(ValueError, match="`dtype` must be float64"):
         kormos.optimizers.BatchOptimizer(dtype=tf.float32)
@@ -2059,9 +2097,10 @@ def test_weights_without_gradient_path_warn_and_stay_fixed():
     model.compile(loss="mse", optimizer="l-bfgs-b")
     unused = model.unused
     before = unused.get_weights()
-    with pytest.warns(UserWarning, match="no gradient path.*unused/kernel"):
+    with pytest.warns(UserWarning, match="no gradient path.*unused/kernel") as caught:
         model.fit(X5, Y5, epochs=3, verbose=0)
     np.testing.assert_array_equal(unused.get_weights()[0], before[0])
+    assert all(w.filename == __file__ for w in caught)  # the caller's line
 
 
 def test_non_finite_loss_mid_run_keeps_last_finite_iterate(float64):
@@ -2086,10 +2125,12 @@ def test_non_finite_loss_mid_run_keeps_last_finite_iterate(float64):
     callback = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda e, logs: iterates.append(model.optimizer.get_weights())
     )
-    with pytest.warns(UserWarning, match="not finite"):
+    with pytest.warns(UserWarning, match="not finite") as caught:
         history = model.fit(
             np.ones((4, 1)), np.ones((4, 1)), epochs=20, verbose=0, callbacks=[callback]
         )
+    # Raised while scipy evaluates, the warning still points at this call.
+    assert [w.filename for w in caught if "not finite" in str(w.message)] == [__file__]
     w = model.optimizer.get_weights()
     assert iterates and np.all(np.isfinite(history.history["loss"]))
     assert 0.0 < w[0] <= 5.0  # it moved, and stopped before the wall
