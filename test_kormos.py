@@ -1626,7 +1626,6 @@ class CountsForwardPasses(keras.layers.Layer):
         return x
 
 
-@pytest.mark.parametrize("method", breadth(["l-bfgs-b", "newton-cg", "trust-ncg"]))
 class GradientDescent(kormos.BatchOptimizer):
     """A custom batch optimizer: gradient descent with a fixed step."""
 
@@ -1652,6 +1651,7 @@ def test_a_custom_batch_optimizer_trains_through_fit():
             model.fit(x, y, epochs=epochs, verbose=0)
 
 
+@pytest.mark.parametrize("method", breadth(["l-bfgs-b", "newton-cg", "trust-ncg"]))
 def test_a_fit_evaluates_only_what_the_solver_asks_for(method, float64):
     x, y = small_data()
     counter = CountsForwardPasses()
