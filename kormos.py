@@ -1563,11 +1563,6 @@ class _Run:
         budget = {"maxiter": self.budget} if self.maxiter_is_budget else {}
         return {**self.options, **budget}
 
-    def options_without_budget(self):
-        """The user's `options`, less a `maxiter` that only repeats the budget."""
-        skip = "maxiter" if self.maxiter_is_budget else None
-        return {k: v for k, v in self.options.items() if k != skip}
-
     def after(self, done):
         """This run without its first `done` iterations (for a resumed fit)."""
         return _Run(self.method, self.budget - done, self.options, self.pretrain_fn)
@@ -1994,7 +1989,7 @@ def _minimize_arguments(optimizer, runs, solver_kwargs):
         "epochs": [run.budget for run in runs],
         "pretrain_fn": [run.pretrain_fn for run in runs],
         "method": [run.method for run in runs],
-        "options": [run.options_without_budget() for run in runs],
+        "options": [run.options for run in runs],  # `epochs` wins over maxiter
         **solver_kwargs,
     }
 
