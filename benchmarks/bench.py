@@ -475,21 +475,19 @@ class MF(Problem):
 ###############################################################################
 
 
-def make_ideal(problem, model, jit_compile=False):
-    """The hand-written compiled loss+gradient over the flat float64 vector."""
-    variables = list(model.trainable_variables)
+def flat_ideal(variables, loss_fn, jit_compile=False):
+    """`w -> (loss, gradient)` as one hand-written compiled function of the
+    flat float64 vector: assign the weights, `loss_fn()` and its gradient,
+    flatten to float64. One call, one host transfer."""
     sizes = [int(np.prod(v.shape)) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
-    xs = tf.nest.map_structure(tf.convert_to_tensor, problem.x)
-    y = tf.reshape(tf.convert_to_tensor(problem.y), [-1, 1])
 
     @tf.function(jit_compile=jit_compile)
     def fg(w):
         for v, part, shape in zip(variables, tf.split(w, sizes), shapes):
             v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
         with tf.GradientTape() as tape:
-            pred = model(xs, training=False)
-            loss = problem.ideal_loss(y, pred, variables)
+            loss = loss_fn()
         grads = tape.gradient(loss, variables)
         flat = tf.concat(
             [
@@ -505,6 +503,18 @@ def make_ideal(problem, model, jit_compile=False):
         return float(f), g.numpy()
 
     return call
+
+
+def make_ideal(problem, model, jit_compile=False):
+    """The ideal of a `Problem`: its model's loss over all its data."""
+    variables = list(model.trainable_variables)
+    xs = tf.nest.map_structure(tf.convert_to_tensor, problem.x)
+    y = tf.reshape(tf.convert_to_tensor(problem.y), [-1, 1])
+
+    def loss_fn():
+        return problem.ideal_loss(y, model(xs, training=False), variables)
+
+    return flat_ideal(variables, loss_fn, jit_compile)
 
 
 class TorchTwin:
@@ -2164,94 +2174,19 @@ def _report_sklearn(s, version, iters, f_kormos, rounds):
 BURGERS_EXAMPLE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "examples", "burgers_pinn.py"
 )
-BURGERS_NU = 0.01 / np.pi
-
-
-def _burgers_example():
-    """The example's module (examples/burgers_pinn.py), or (None, why not)."""
-    if not os.path.exists(BURGERS_EXAMPLE):
-        return None, "examples/burgers_pinn.py not found"
-    try:
-        spec = importlib.util.spec_from_file_location("burgers_pinn", BURGERS_EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.BurgersPINN, module.make_problem  # noqa: B018 - the API used here
-        return module, None
-    except Exception as error:  # report, use the local twin
-        why = f"{type(error).__name__}: {error}"
-        return None, f"examples/burgers_pinn.py not usable ({why})"
-
-
-def _burgers_data(n_f=10_000, n_u=100, seed=1234):
-    """Collocation points and initial/boundary values, as in the paper (but
-    the N_u points are drawn uniformly, and the exact solution is not needed:
-    u(0, x) = -sin(pi x), u(t, +-1) = 0)."""
-    rng = np.random.default_rng(seed)
-    lower, upper = np.array([0.0, -1.0]), np.array([0.99, 1.0])
-    t0 = np.stack([np.zeros(n_u // 2), rng.uniform(-1, 1, n_u // 2)], 1)
-    edge = np.stack(
-        [rng.uniform(0, 0.99, n_u - n_u // 2), rng.choice([-1.0, 1.0], n_u - n_u // 2)],
-        1,
-    )
-    tx_u = np.concatenate([t0, edge])
-    u_u = np.where(tx_u[:, :1] == 0, -np.sin(np.pi * tx_u[:, 1:]), 0.0)
-    tx_f = np.concatenate([lower + (upper - lower) * rng.uniform(size=(n_f, 2)), tx_u])
-    return tx_f, tx_u, u_u, lower, upper
-
-
-class LocalBurgersPINN(kormos.BatchOptimizedModel):
-    """The example's model, for when examples/burgers_pinn.py is missing:
-    u(t, x) by 8 tanh layers of 20; loss MSE_u + MSE_f (nested tapes)."""
-
-    def __init__(self, *, tx_u, u_u, lower, upper, depth=8, width=20):
-        super().__init__()
-        dtype = keras.config.floatx()
-        self.tx_u, self.u_u = tx_u.astype(dtype), u_u.astype(dtype)
-        self.lower, self.upper = lower.astype(dtype), upper.astype(dtype)
-        self.hidden = [
-            keras.layers.Dense(width, "tanh", kernel_initializer="glorot_normal")
-            for _ in range(depth)
-        ]
-        self.out = keras.layers.Dense(1, kernel_initializer="glorot_normal")
-
-    def call(self, tx):
-        h = 2.0 * (tx - self.lower) / (self.upper - self.lower) - 1.0
-        for layer in self.hidden:
-            h = layer(h)
-        return self.out(h)
-
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        tx = tf.convert_to_tensor(x)
-        with tf.GradientTape() as outer:
-            outer.watch(tx)
-            with tf.GradientTape() as inner:
-                inner.watch(tx)
-                u = self(tx)[:, 0]
-            u_t, u_x = tf.unstack(inner.gradient(u, tx), axis=1)
-        u_xx = outer.gradient(u_x, tx)[:, 1]
-        mse_f = tf.reduce_mean((u_t + u * u_x - BURGERS_NU * u_xx) ** 2)
-        mse_u = tf.reduce_mean((self(self.tx_u) - self.u_u) ** 2)
-        return mse_u + mse_f
 
 
 class Burgers:
-    """The PINN problem: the example's model and data, or the local twin."""
+    """The PINN problem: the model and data of examples/burgers_pinn.py."""
 
     def __init__(self):
-        module, self.why = _burgers_example()
-        self.source = "examples/burgers_pinn.py" if module else "local twin"
-        if module is not None:
-            tx_f, tx_u, u_u, grid, _ = module.make_problem()
-            lower, upper = grid.min(axis=0), grid.max(axis=0)
-            self.model_class = module.BurgersPINN
-            self.nu = getattr(module, "NU", BURGERS_NU)
-        else:
-            tx_f, tx_u, u_u, lower, upper = _burgers_data()
-            self.model_class, self.nu = LocalBurgersPINN, BURGERS_NU
+        spec = importlib.util.spec_from_file_location("burgers_pinn", BURGERS_EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tx_f, tx_u, u_u, grid, _ = module.make_problem()
+        self.model_class, self.nu = module.BurgersPINN, module.NU
         self.tx_f, self.tx_u, self.u_u = tx_f, tx_u, u_u
-        self.lower, self.upper = lower, upper
+        self.lower, self.upper = grid.min(axis=0), grid.max(axis=0)
 
     def keras_model(self, dtype, jit_compile, optimizer=None, weights=None):
         """A compiled model in `dtype` (under floatx(dtype)), built."""
@@ -2301,30 +2236,12 @@ PINN_DERIVATIVES = ("batch_jacobian", "forward-over-reverse")
 
 
 def make_pinn_ideal(model, tx_f, jit_compile, loss_fn=None):
-    """The hand-written compiled loss + gradient around the model's own
-    `compute_loss` (or `loss_fn(tx)`), over the flat float64 vector."""
+    """The ideal around the model's own `compute_loss` (or `loss_fn(tx)`)
+    over the collocation points."""
+    tx = tf.constant(tx_f)
     if loss_fn is None:
         loss_fn = lambda tx: model.compute_loss(x=tx)  # noqa: E731
-    variables = list(model.trainable_variables)
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    shapes = [tuple(v.shape) for v in variables]
-    tx = tf.constant(tx_f)
-
-    @tf.function(jit_compile=jit_compile)
-    def fg(w):
-        for v, part, shape in zip(variables, tf.split(w, sizes), shapes):
-            v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
-        with tf.GradientTape() as tape:
-            loss = loss_fn(tx)
-        grads = tape.gradient(loss, variables)
-        flat = tf.concat([tf.reshape(tf.cast(g, tf.float64), [-1]) for g in grads], 0)
-        return tf.cast(loss, tf.float64), flat
-
-    def call(w):
-        f, g = fg(tf.constant(w))
-        return float(f), g.numpy()
-
-    return call
+    return flat_ideal(list(model.trainable_variables), lambda: loss_fn(tx), jit_compile)
 
 
 class TorchBurgers:
@@ -2388,7 +2305,7 @@ PINN_OPTIONS = {"maxcor": 50, "maxls": 50, "ftol": 0.0, "gtol": 0.0}
 def run_pinn():
     s = Section("pinn", "PINN: Burgers' equation (Raissi et al. 2019), 8 x 20 tanh")
     problem = Burgers()
-    log(f"setting up the PINN row ({problem.source}) ...")
+    log("setting up the PINN row ...")
     evals = {}
     for dtype in ("float32", "float64"):
         with floatx(dtype):
@@ -2606,8 +2523,7 @@ def _report_pinn_allocators(s, allocators):
 def _report_pinn(s, problem, evals, fits, budget, torch_threads, allocators):
     w = s.w
     w(
-        f"Model and data from {problem.source}"
-        + (f" ({problem.why})" if problem.why else "")
+        "Model and data from examples/burgers_pinn.py"
         + f": (t, x) -> u, 8 hidden tanh layers of 20 ({evals['float64']['x0'].size} "
         f"weights), N_u = {len(problem.tx_u)}, N_f = {len(problem.tx_f):,} "
         "collocation points (the N_u points included); the loss (MSE_u + MSE_f) "
