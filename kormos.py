@@ -1755,13 +1755,13 @@ def _explain_float32_stall(result, losses, variables):
     float32 losses, or a line search failed."""
     if not any(_dtype_name(v) in ("float16", "bfloat16", "float32") for v in variables):
         return
-    message = str(result.message).lower().replace("_", " ")  # older scipy: REL_
+    # "RELATIVE REDUCTION OF F", or "REL_REDUCTION_OF_F" in older scipy.
+    message = str(result.message).lower().replace("_", " ")
     failures = ("abnormal", "precision loss", "line search", "linesearch")
     failed = not result.success and any(s in message for s in failures)
     resolution = np.finfo(np.float32).eps * max(map(abs, losses), default=0.0)
     flat = len(losses) == 2 and abs(losses[0] - losses[1]) <= resolution
-    if failed or (("rel reduction" in message or "relative reduction" in message)
-                  and flat):
+    if failed or ("reduction of f" in message and flat):
         result.message = (
             f"{result.message} The model computes in float32, whose loss "
             "cannot resolve smaller steps, so this is a float32 stall rather "
