@@ -29,10 +29,13 @@ __all__ = [
     "optimizers",
 ]
 
+import collections
 import contextlib
+import functools
 import inspect
 import itertools
 import math
+import os
 import signal
 import sys
 import threading
@@ -41,6 +44,7 @@ import types
 import warnings
 
 import numpy as np
+import scipy.linalg.blas
 import scipy.optimize
 import tensorflow as tf
 import keras
@@ -62,11 +66,12 @@ if keras.config.backend() != "tensorflow":
 # Solver methods ##############################################################
 ###############################################################################
 
-#: Every method name of `scipy.optimize.minimize`, lower case.
+#: Every method name of `scipy.optimize.minimize`, lower case, and kormos'
+#: self-scaled quasi-Newton methods "ssbfgs" and "ssbroyden".
 METHODS = (
     *("l-bfgs-b", "bfgs", "cg", "newton-cg", "trust-ncg", "trust-krylov"),
     *("trust-exact", "dogleg", "trust-constr", "tnc", "slsqp", "nelder-mead"),
-    *("powell", "cobyla", "cobyqa"),
+    *("powell", "cobyla", "cobyqa", "ssbfgs", "ssbroyden"),
 )
 _DERIVATIVE_FREE = ("nelder-mead", "powell", "cobyla", "cobyqa")
 _HESSP_METHODS = ("newton-cg", "trust-ncg", "trust-krylov", "trust-constr")
@@ -76,8 +81,16 @@ _BOUNDS_METHODS = (
     *("cobyla", "cobyqa"),
 )
 _CONSTRAINT_METHODS = ("slsqp", "trust-constr", "cobyla", "cobyqa")
+# kormos' dense quasi-Newton methods (below), which replace scipy's BFGS.
+_QUASI_NEWTON = ("bfgs", "ssbfgs", "ssbroyden")
 # Methods that hold an n x n float64 matrix: how many of them, roughly.
-_DENSE_MATRICES = {"bfgs": 3, "slsqp": 3, "trust-exact": 4, "dogleg": 3}
+_DENSE_MATRICES = {
+    **dict.fromkeys(_QUASI_NEWTON, 2),  # the matrix and the one it started from
+    **{"slsqp": 3, "trust-exact": 4, "dogleg": 3},
+}
+# scipy's dense methods do O(n^3) work (or n Hessian-vector products) per
+# iteration: by default they are refused above this many weights.
+_DEFAULT_MAX_CUBIC_PARAMS = 2000
 # Methods without an iteration-counting `maxiter` (TNC has none; COBYLA and
 # COBYQA count evaluations with it): kormos counts their iterations itself.
 _COUNTED_BY_KORMOS = ("tnc", "cobyla", "cobyqa")
@@ -99,6 +112,228 @@ def _canonical_method(method):
 def _method_name(method):
     """Returns the method's name, or "custom" for a custom minimizer."""
     return method if isinstance(method, str) else "custom"
+
+
+###############################################################################
+# Dense quasi-Newton methods ##################################################
+###############################################################################
+
+# "bfgs" takes the iterates of scipy's BFGS (its line search, options and
+# result) with an O(n^2) update in place of scipy's O(n^3) one. "ssbfgs" and
+# "ssbroyden" are the self-scaled BFGS (Al-Baali) and self-scaled Broyden
+# updates of Urban, Stefanou and Pons, J. Comput. Phys. 523 (2025) 113656,
+# eqs. 11 and 13-23, which Kiyani et al., CMAME 446 (2025) 118308, use for
+# PINNs. kormos passes them to `scipy.optimize.minimize` as custom methods.
+
+_QUASI_NEWTON_MESSAGES = (
+    "Optimization terminated successfully.",
+    "Maximum number of iterations has been exceeded.",
+    "Desired error not necessarily achieved due to precision loss.",
+    "NaN result encountered.",
+)
+
+
+def _bfgs_scaling(a, b, h, n):
+    """Returns `(tau, phi)` of BFGS: no scaling, the BFGS member."""
+    return 1.0, 1.0
+
+
+def _ssbfgs_scaling(a, b, h, n):
+    """Al-Baali's self-scaled BFGS (Urban et al., eq. 11): tau = min(1, 1/b)."""
+    return min(1.0, 1.0 / b), 1.0
+
+
+def _ssbroyden_scaling(a, b, h, n):
+    """The self-scaled Broyden update (Urban et al., eqs. 13-23, after
+    Al-Baali and Khalfan): the Broyden parameter theta taken from its wide
+    interval, tau from theta; phi is theta's member in the inverse form."""
+    theta = 0.0  # a = 0: every member of the class is BFGS
+    if a > 0:
+        c = math.sqrt(a / (1.0 + a))
+        rho_minus = min(1.0, h * (1.0 - c))
+        theta = max((rho_minus - 1.0) / a, min(1.0 / rho_minus, (1.0 - b) / b))
+    rho_plus, sigma = min(1.0, 1.0 / b), 1.0 + theta * a
+    sigma_root = abs(sigma) ** (1.0 / (1.0 - n)) if n > 1 else 1.0
+    if theta <= 0:
+        tau = min(rho_plus * sigma_root, sigma)
+    else:
+        tau = rho_plus * min(sigma_root, 1.0 / theta)
+    return tau, (1.0 - theta) / (1.0 + a * theta)
+
+
+_SCALINGS = {
+    "bfgs": _bfgs_scaling,
+    "ssbfgs": _ssbfgs_scaling,
+    "ssbroyden": _ssbroyden_scaling,
+}
+
+
+class _InverseHessian:
+    """A symmetric n x n float64 matrix H held in its upper triangle (Fortran
+    order, for BLAS) and updated in place in O(n^2), without n x n
+    temporaries."""
+
+    def __init__(self, start):
+        self.matrix = np.array(start, dtype=np.float64, order="F")  # a copy
+
+    def times(self, v):
+        return scipy.linalg.blas.dsymv(1.0, self.matrix, v)
+
+    def update(self, s, y, h, hg, g, sbs, scaling):
+        """Updates H for the step `s` and gradient change `y`; returns
+        H_new @ g in O(n) from `h` = H @ y and `hg` = H @ g.
+
+        H_new = (H - h h'/a + phi a v v') / tau + s s'/ys, with a = y'h,
+        v = s/ys - h/a, and `tau`, `phi` from `scaling(a_k, b_k, h_k, n)`
+        (Urban et al., eq. 13; `sbs` is s'Bs = -alpha s'g_old). The update
+        is skipped, H kept positive definite, unless y's > 0 and all the
+        scalars are finite.
+        """
+        ys, a = float(y @ s), float(y @ h)
+        if not ys > np.finfo(float).eps * np.linalg.norm(s) * np.linalg.norm(y):
+            return hg
+        with np.errstate(all="ignore"):
+            b, h_k = np.float64(sbs) / ys, np.float64(a) / ys
+            tau, phi = scaling(b * h_k - 1.0, b, h_k, len(s))
+            c_hh, c_sh = (phi - 1.0) / (tau * a), -phi / (tau * ys)
+            c_ss = phi * a / (tau * ys * ys) + 1.0 / ys
+        if not (tau > 0 and np.all(np.isfinite([tau, c_hh, c_sh, c_ss]))):
+            return hg
+        blas = scipy.linalg.blas
+        if tau != 1.0:
+            self.matrix *= 1.0 / tau
+        # s w' + w s' = c_ss s s' + c_sh (s h' + h s'), with w = c_ss s / 2 + c_sh h
+        self.matrix = blas.dsyr2(1.0, s, 0.5 * c_ss * s + c_sh * h, a=self.matrix,
+                                 overwrite_a=True)
+        if c_hh != 0.0:
+            self.matrix = blas.dsyr(c_hh, h, a=self.matrix, overwrite_a=True)
+        hs, ss = float(h @ g), float(s @ g)
+        return hg / tau + (c_hh * hs + c_sh * ss) * h + (c_sh * hs + c_ss * ss) * s
+
+    def symmetric(self):
+        """Returns the full matrix, its lower triangle filled in."""
+        m = self.matrix
+        for j in range(1, len(m)):
+            m[j, :j] = m[:j, j]
+        return m
+
+
+def _minimize_quasi_newton(
+    fun, x0, args=(), jac=None, callback=None, *, update="bfgs", gtol=None,
+    norm=np.inf, maxiter=None, c1=1e-4, c2=0.9, xrtol=0.0, hess_inv0=None,
+    return_all=False, disp=False, tol=None, hess=None, hessp=None, bounds=None,
+    constraints=(), **unknown,
+):
+    """Minimizes `fun` with a dense quasi-Newton method; scipy's BFGS loop.
+
+    A custom `method` for `scipy.optimize.minimize(fun, x0, jac=..., method=
+    functools.partial(_minimize_quasi_newton, update=...))`. The options are
+    those of scipy's BFGS and mean the same; `hess_inv0` may also be an
+    `_InverseHessian` (a warm start, trusted and not copied twice).
+    """
+    unknown = set(unknown) - {"eps", "finite_diff_rel_step", "workers"}  # unused
+    if unknown:
+        warnings.warn(f"Unknown solver options: {', '.join(sorted(unknown))}",
+                      scipy.optimize.OptimizeWarning, stacklevel=3)
+    x = np.asarray(x0, dtype=np.float64).ravel()
+    n = len(x)
+    gtol = (1e-5 if tol is None else tol) if gtol is None else gtol
+    maxiter = 200 * n if maxiter is None else maxiter
+    hess_inv = _start_inverse_hessian(hess_inv0, n)
+
+    def f(z):
+        return fun(z, *args)
+
+    def grad(z):
+        return jac(z, *args)
+
+    fval, g = f(x), grad(x)
+    old_fval = fval + np.linalg.norm(g) / 2  # a first step of about 1
+    hg, k, status, iterates = hess_inv.times(g), 0, 0, [x]
+    while _vecnorm(g, norm) > gtol and k < maxiter:
+        p = -hg
+        step = _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2)
+        if step is None:
+            status = 2
+            break
+        alpha, fval, old_fval, g_new = step
+        s = alpha * p
+        x = x + s
+        g_new = grad(x) if g_new is None else g_new
+        y, g_old, g, k = g_new - g, g, g_new, k + 1
+        iterates += [x] if return_all else []
+        if callback is not None:
+            callback(scipy.optimize.OptimizeResult(x=x, fun=fval))
+        if _vecnorm(g, norm) <= gtol or (
+            alpha * _vecnorm(p, 2) <= xrtol * (xrtol + _vecnorm(x, 2))
+        ):
+            break
+        if not np.isfinite(fval):
+            status = 2
+            break
+        hg_new = hess_inv.times(g)
+        hg = hess_inv.update(s, y, hg_new + p, hg_new, g, -alpha * float(s @ g_old),
+                             _SCALINGS[update])
+    if status == 0 and k >= maxiter:
+        status = 1
+    elif status == 0 and (np.isnan(fval) or np.isnan(g).any() or np.isnan(x).any()):
+        status = 3
+    result = scipy.optimize.OptimizeResult(
+        x=x, fun=fval, jac=g, hess_inv=hess_inv.symmetric(), nit=k, status=status,
+        success=status == 0, message=_QUASI_NEWTON_MESSAGES[status],
+    )
+    if return_all:
+        result["allvecs"] = iterates
+    if disp:
+        print(result.message)
+    return result
+
+
+def _start_inverse_hessian(hess_inv0, n):
+    """Returns the `_InverseHessian` a run starts from, checking a user's."""
+    if isinstance(hess_inv0, _InverseHessian):
+        return hess_inv0
+    if hess_inv0 is None:
+        return _InverseHessian(np.eye(n))
+    matrix = np.asarray(hess_inv0, dtype=np.float64)
+    try:
+        np.linalg.cholesky(matrix)
+        ok = matrix.shape == (n, n) and np.array_equal(matrix, matrix.T)
+    except np.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`options['hess_inv0']` must be a symmetric positive definite {n} x "
+            f"{n} matrix. Received: an array of shape {matrix.shape}"
+        )
+    return _InverseHessian(matrix)
+
+
+def _vecnorm(x, order):
+    """scipy's `vecnorm`: max |x_i| for inf, min for -inf, else the p-norm."""
+    if order == np.inf:
+        return np.amax(np.abs(x))
+    if order == -np.inf:
+        return np.amin(np.abs(x))
+    return np.sum(np.abs(x) ** order) ** (1.0 / order)
+
+
+def _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2):
+    """Returns `(alpha, f, previous f, gradient or None)` of scipy's BFGS line
+    search (strong Wolfe: MINPACK's, then scipy's own), or None if it fails.
+
+    It is private in scipy (scipy/optimize/_optimize.py,
+    `_line_search_wolfe12`); using it is what gives "bfgs" scipy's iterates.
+    """
+    from scipy.optimize import _optimize
+
+    try:
+        alpha, _, _, fval, old_fval, g_new = _optimize._line_search_wolfe12(
+            f, grad, x, p, g, fval, old_fval, amin=1e-100, amax=1e100, c1=c1, c2=c2
+        )
+    except _optimize._LineSearchError:
+        return None
+    return alpha, fval, old_fval, g_new
 
 
 ###############################################################################
@@ -141,6 +376,10 @@ def unpack_weights(x, variables):
     x = _as_flat_float64(x, sum(_sizes(variables)))
     for v, part in zip(variables, np.split(x, np.cumsum(_sizes(variables))[:-1])):
         v.assign(part.reshape(tuple(v.shape)).astype(_dtype_name(v)))
+
+
+def _ids(variables):
+    return [id(v) for v in variables]
 
 
 def _sizes(variables):
@@ -197,9 +436,10 @@ class _Data:
     `(x, y, sample_weight)` sliced `batch_size` rows at a time, or a batched
     `dataset` of them, read at every evaluation."""
 
-    def __init__(self, tensors=None, batch_size=None, dataset=None):
+    def __init__(self, tensors=None, batch_size=None, dataset=None, present=None):
         self.tensors = tensors
         self.dataset = dataset
+        self.present = present  # of a distributed dataset: which parts it holds
         self.size = _check_lengths(*tensors) if tensors is not None else None
         self.batch_size = min(batch_size or self.size, self.size) if self.size else None
 
@@ -208,20 +448,20 @@ class _Data:
         """Batches per pass over in-memory data (None for a stream)."""
         return None if self.tensors is None else math.ceil(self.size / self.batch_size)
 
+    def input_spec(self):
+        """Returns the `tf.TensorSpec`s of `x`, their batch size unknown."""
+        x = self.dataset.element_spec[0] if self.tensors is None else self.tensors[0]
+        return tf.nest.map_structure(
+            lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), x
+        )
+
     def first_batch(self):
-        """Returns a few rows of the data, for probing the model eagerly."""
+        """Returns a few rows of the data (for which parts it holds)."""
         if self.tensors is not None:
             return _map_tensors(lambda t: t[:2], self.tensors)
         for batch in self.dataset.take(1):
             return batch
         raise ValueError("The training dataset is empty: it yields no batch.")
-
-    def evaluate_arguments(self):
-        """Returns the data as `keras.Model.evaluate()` keyword arguments."""
-        if self.tensors is None:
-            return {"x": self.dataset}
-        x, y, sample_weight = self.tensors
-        return dict(x=x, y=y, sample_weight=sample_weight, batch_size=self.batch_size)
 
 
 def _map_tensors(fn, nest):
@@ -550,12 +790,14 @@ class _Objective:
     `fg(x)` assigns the float64 vector `x` to the trainable variables and, in
     ONE compiled call over every batch, returns the loss, its float64
     gradient and the compiled metrics; `hessp(x, v)` returns H(x) @ v by
-    reverse-over-reverse differentiation (it works for every layer). The loss
-    is `model.compute_loss` with `training=False`, combined over batches so
-    that `batch_size` does not change it: averaged, weighted by rows, as
-    `evaluate()` does, or summed where every compiled loss sums over samples;
-    weight regularization counts once. Under `tf.distribute`, each batch is
-    split over the replicas with `strategy.run` and their terms are summed.
+    reverse-over-reverse differentiation (it works for every layer);
+    `value()` returns the loss and metrics on the validation data at the
+    current weights. The loss is `model.compute_loss` with `training=False`,
+    combined over batches so that `batch_size` does not change it: averaged,
+    weighted by rows, as `evaluate()` does, or summed where every compiled
+    loss sums over samples; weight regularization counts once. Under
+    `tf.distribute`, each batch is split over the replicas with
+    `strategy.run` and their terms are summed.
     """
 
     def __init__(self, model, xla=False, xla_optional=False):
@@ -564,7 +806,9 @@ class _Objective:
         self.size = sum(_sizes(self.variables))
         # Compile with XLA, or fall back to a plain graph if it cannot.
         self.xla, self.xla_optional, self.fell_back = xla, xla_optional, False
-        self.unused_variables = []  # paths without a gradient, seen when traced
+        # What tracing found (unused weights, per-call losses), for warnings.
+        self.notices = []
+        self.per_call_losses = 0  # `add_loss` terms per call, seen when traced
         self.strategy = model.distribute_strategy
         self.replicas = self.strategy.num_replicas_in_sync
         self.distributed = any(
@@ -580,8 +824,7 @@ class _Objective:
         self.has_metrics = any(m.name != "loss" for m in model.metrics)
         takes_training = "training" in inspect.signature(model.compute_loss).parameters
         self.loss_kwargs = {"training": False} if takes_training else {}
-        # A dataset is iterated as _stream; _present: which of (x, y, sw) it has.
-        self.data = self._stream = self._present = None
+        self.data = self.validation = None  # the training and validation `_Data`
         self._functions = {}  # (kind, whole pass?) -> (function, plain fallback)
         self._calls = {}  # kind -> the traced function for the bound data
         self.assign = _concrete(
@@ -589,19 +832,21 @@ class _Objective:
             (tf.TensorSpec([self.size], tf.float64),),
         )
 
-    def bind(self, data):
-        """Points the compiled functions at `data`.
+    def bind(self, data, validation=None):
+        """Points the compiled functions at the training `data` and at the
+        `validation` data.
 
         In-memory data enters them as arguments, so that data of the same
         shapes reuses their traces, as Keras reuses its train function
         across `fit()` calls. A dataset is captured: it gets new traces.
         """
-        self.data, self._calls = data, {}
-        if data.tensors is None or self.distributed:
+        self._calls = {}
+        if self.distributed:
+            data = _distributed(data, self.strategy)
+            validation = validation and _distributed(validation, self.strategy)
+        if data.tensors is None or (validation and validation.tensors is None):
             self._functions = {}
-            self._stream = data.dataset
-            if self.distributed:
-                self._stream, self._present = _distributed(data, self.strategy)
+        self.data, self.validation = data, validation
 
     def fg(self, x):
         """Returns `(loss, gradient, metrics)` tensors at the float64 tensor `x`."""
@@ -611,26 +856,28 @@ class _Objective:
         """Returns H(x) @ v for float64 tensors `x` and `v`."""
         return self._call("hessp", x, v)
 
+    def value(self):
+        """Returns `(loss, metrics)` on the validation data, weights as they are."""
+        return self._call("value")
+
     def _call(self, kind, *vectors):
-        data = self.data
-        in_memory = data.tensors is not None and not self.distributed
-        source = (data.tensors, data.batch_size) if in_memory else (None, None)
-        args = (*vectors, *source)
+        data = self.validation if kind == "value" else self.data
+        args = (*vectors, data.tensors, data.tensors and data.batch_size)
         if kind in self._calls:
             return self._calls[kind](*args)
-        function, plain = self._function(kind, in_memory and data.num_batches == 1)
+        function, plain = self._function(kind, data.num_batches == 1)
         try:
-            call = _concrete(function, args)
-            result = call(*args)
+            # The first call traces, through tf.function's own call: only
+            # there can a replica create Keras' metric variables.
+            result = function(*args)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
             # XLA rejects some ops (e.g. tf.numpy_function) only when it
             # compiles, at the first call: use the plain graph from now on.
             if plain is None:
                 raise
-            self.fell_back = True
-            call = _concrete(plain, args)
-            result = call(*args)
-        self._calls[kind] = call
+            self.fell_back, function = True, plain
+            result = function(*args)
+        self._calls[kind] = _concrete(function, args)
         return result
 
     def _function(self, kind, whole):
@@ -644,6 +891,7 @@ class _Objective:
         whole_pass, terms = {
             "fg": (self._fg_pass, self._fg_terms),
             "hessp": (self._hessp_pass, self._hessp_terms),
+            "value": (self._value_pass, self._value_terms),
         }[kind]
 
         def traced(terms, jit_compile=False):
@@ -679,9 +927,9 @@ class _Objective:
         """
         y_pred = self.model(x, training=False)
         y = _align_targets(y, y_pred)
-        loss = self.model.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **self.loss_kwargs
-        )
+        loss = self._compute_loss(x, y, y_pred, sample_weight)
+        regularized = [w for w in self.model.weights if getattr(w, "regularizer", None)]
+        self.per_call_losses = len(self.model.losses) - len(regularized)
         loss = tf.cast(loss, tf.float64)
         if self.replicas > 1 and self.weighting == "mean":
             # In a replica, Keras scales averaged losses (and regularization)
@@ -694,15 +942,38 @@ class _Objective:
         weight = rows if self.weighting == "mean" else tf.ones((), tf.float64)
         return weight, weight * loss, y, y_pred
 
-    def _fg_terms(self, x, y, sample_weight):
-        with tf.GradientTape() as tape:
-            weight, loss, y, y_pred = self._weighted_loss(x, y, sample_weight)
-        grads = tape.gradient(loss, self.variables)
-        self.unused_variables = [
-            v.path for v, g in zip(self.variables, grads) if g is None
-        ]
+    def _compute_loss(self, x, y, y_pred, sample_weight):
+        try:
+            loss = self.model.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **self.loss_kwargs
+            )
+        except ValueError as error:
+            if "No loss to compute" not in str(error):
+                raise
+            raise ValueError(
+                "The model has no loss: pass `loss=` to `compile()` or override "
+                "`compute_loss`."
+            ) from None
+        if loss is None:
+            raise ValueError("`compute_loss` returned None; it must return a scalar.")
+        return loss
+
+    def _value_terms(self, x, y, sample_weight):
+        weight, loss, y, y_pred = self._weighted_loss(x, y, sample_weight)
         if self.has_metrics:
             self.model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return weight, loss
+
+    def _fg_terms(self, x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            weight, loss = self._value_terms(x, y, sample_weight)
+        grads = tape.gradient(loss, self.variables)
+        unused = [v.path for v, g in zip(self.variables, grads) if g is None]
+        if unused:
+            self.notices.append(
+                "These trainable weights have no gradient path to the loss and "
+                f"stay fixed: {unused}"
+            )
         return weight, loss, _flatten_float64(grads, self.variables)
 
     def _hessp_terms(self, x, y, sample_weight, vs):
@@ -725,25 +996,29 @@ class _Objective:
 
     # -- Whole passes -----------------------------------------------------------
 
+    def _value_pass(self, tensors, batch_size, terms):
+        self._reset_metrics()
+        zero = tf.constant(0.0, tf.float64)
+        weight, f = self._over_batches(
+            terms, self.validation, tensors, batch_size, (zero, zero)
+        )
+        f = self._normalized(weight, f)
+        if self.separate_regularization:
+            f = f + self._regularization()[0]
+        return f, self._metrics()
+
     def _fg_pass(self, x, tensors, batch_size, terms):
         _assign_flat(x, self.variables)
-        if self.has_metrics:
-            self.model.reset_metrics()
+        self._reset_metrics()
         zero = tf.constant(0.0, tf.float64)
         state = (zero, zero, tf.zeros([self.size], tf.float64))
-        weight, f, g = self._over_batches(terms, tensors, batch_size, state)
+        weight, f, g = self._over_batches(terms, self.data, tensors, batch_size, state)
         f, g = self._normalized(weight, f), self._normalized(weight, g)
+        self._note_batch_dependence()
         if self.separate_regularization:
             regularization, gradient = self._regularization()
             f, g = f + regularization, g + gradient
-        metrics = {}
-        if self.has_metrics:
-            metrics = {
-                k: tf.cast(v, tf.float64)
-                for k, v in self.model.get_metrics_result().items()
-                if k != "loss"
-            }
-        return f, g, metrics
+        return f, g, self._metrics()
 
     def _hessp_pass(self, x, v, tensors, batch_size, terms):
         _assign_flat(x, self.variables)
@@ -752,11 +1027,47 @@ class _Objective:
             for part, w in zip(tf.split(v, _sizes(self.variables)), self.variables)
         ]
         state = (tf.constant(0.0, tf.float64), tf.zeros([self.size], tf.float64))
-        weight, hv = self._over_batches(terms, tensors, batch_size, state, vs)
+        weight, hv = self._over_batches(
+            terms, self.data, tensors, batch_size, state, vs
+        )
         hv = self._normalized(weight, hv)
         if self.separate_regularization:
             hv = hv + self._regularization(vs)[0]
         return hv
+
+    def _reset_metrics(self):
+        if self.has_metrics:
+            self.model.reset_metrics()
+
+    def _metrics(self):
+        """Returns the compiled metrics of the pass, without Keras' loss
+        tracker, which kormos does not feed."""
+        if not self.has_metrics:
+            return {}
+        return {
+            k: tf.cast(v, tf.float64)
+            for k, v in self.model.get_metrics_result().items()
+            if k != "loss"
+        }
+
+    def _note_batch_dependence(self):
+        """Notes, when traced, a loss that depends on how the rows are batched."""
+        if self.data.num_batches == 1:
+            return
+        if self.per_call_losses > 0:
+            self.notices.append(
+                "The model adds losses per call (`add_loss` or an activity "
+                "regularizer). Split into batches, they are computed on each "
+                "batch and averaged, weighted by rows, so the objective depends "
+                "on `batch_size`; pass batch_size=None to compute them on all rows."
+            )
+        elif _batch_weighting(self.model) is None:
+            self.notices.append(
+                "kormos cannot tell how this model's loss combines over batches "
+                "(a custom `compute_loss`, or compiled losses reduced in different "
+                "ways); it averages the batch losses weighted by rows, so the "
+                "objective may depend on `batch_size`."
+            )
 
     def _regularization(self, vs=None):
         """Returns `(R, gradient of R)`, or `(H(R) @ v,)` with `vs`, where R
@@ -783,20 +1094,20 @@ class _Objective:
     def _normalized(self, weight, total):
         return total / weight if self.weighting == "mean" else total
 
-    def _over_batches(self, terms, tensors, batch_size, state, *args):
+    def _over_batches(self, terms, data, tensors, batch_size, state, *args):
         """Sums `terms(batch, *args)` over every batch (inside the graph).
 
         In-memory `tensors` are sliced `batch_size` rows at a time in a
-        `tf.range` loop; a dataset is iterated. Either way the whole pass is
-        one compiled function.
+        `tf.range` loop; the dataset of `data` is iterated. Either way the
+        whole pass is one compiled function.
         """
 
         def add(batch, state):
-            batch_terms = self._on_replicas(terms, batch, *args)
+            batch_terms = self._on_replicas(terms, batch, data.present, *args)
             return tuple(s + t for s, t in zip(state, batch_terms))
 
         if tensors is None:
-            for batch in self._stream:
+            for batch in data.dataset:
                 state = add(batch, state)
             return state
         size = int(tf.nest.flatten(tensors[0])[0].shape[0])
@@ -809,14 +1120,15 @@ class _Objective:
             state = add(batch, state)
         return state
 
-    def _on_replicas(self, terms, batch, *args):
-        """Runs `terms` on a batch: directly, or split over replicas and summed."""
+    def _on_replicas(self, terms, batch, present, *args):
+        """Runs `terms` on a batch: directly, or split over replicas and summed
+        (`present` says which of `(x, y, sample_weight)` a replica gets)."""
         if not self.distributed:
             return terms(*batch, *args)
 
         def replica_terms(*parts):
             parts = iter(parts)
-            batch = tuple(next(parts) if keep else None for keep in self._present)
+            batch = tuple(next(parts) if keep else None for keep in present)
             return terms(*batch, *args)
 
         per_replica = self.strategy.run(replica_terms, args=tuple(batch))
@@ -857,10 +1169,10 @@ def _batch_weighting(model):
 
 
 def _distributed(data, strategy):
-    """Returns `(dataset, present)`: `data` distributed over the replicas.
+    """Returns `data` as a dataset distributed over the replicas.
 
     Distributed datasets cannot hold `None`, so absent parts (no targets, no
-    sample weights) are dropped; `present` says where to put them back.
+    sample weights) are dropped; its `present` says where to put them back.
     """
     present = tuple(part is not None for part in data.first_batch())
     if data.tensors is not None:
@@ -870,7 +1182,8 @@ def _distributed(data, strategy):
         dataset = data.dataset.map(
             lambda *p: tuple(q for q, keep in zip(p, present) if keep)
         )
-    return strategy.experimental_distribute_dataset(dataset), present
+    return _Data(dataset=strategy.experimental_distribute_dataset(dataset),
+                 present=present)
 
 
 def _dot(grads, vectors):
@@ -893,39 +1206,19 @@ def _weight_regularization(model):
     return tf.add_n(terms) if terms else tf.constant(0.0, tf.float64)
 
 
-def _probe_model(model, data):
-    """Builds the model and its metrics on a few rows and checks its loss;
-    returns how many loss terms `add_loss` or activity regularizers add per
-    call (they are computed per batch).
-
-    An unbuilt subclassed model is built symbolically first, with an unknown
-    batch size, as Keras' own `fit()` does. Metric variables are created here,
-    eagerly, so that tf.function never traces a variable creation.
-    """
-    x, y, sample_weight = data.first_batch()
-    if not model.built:
-        symbolic = tf.nest.map_structure(
-            lambda t: keras.KerasTensor((None, *t.shape[1:]), dtype=t.dtype.name), x
-        )
-        with contextlib.suppress(Exception):  # some models build on real data only
-            model(symbolic, training=False)
-    y_pred = model(x, training=False)
-    y = _align_targets(y, y_pred)
+def _build_model(model, data):
+    """Builds an unbuilt model without running it eagerly: symbolically, as
+    Keras' own fit does, or else (a model that builds on real tensors only)
+    by tracing one call in a graph."""
+    if model.built:
+        return
+    specs = data.input_spec()
     try:
-        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-    except ValueError as e:
-        if "No loss to compute" not in str(e):
-            raise
-        raise ValueError(
-            "The model has no loss: pass `loss=` to `compile()` or override "
-            "`compute_loss`."
-        ) from None
-    if loss is None:
-        raise ValueError("`compute_loss` returned None; it must return a scalar.")
-    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    model.reset_metrics()
-    regularized = [w for w in model.weights if getattr(w, "regularizer", None)]
-    return len(model.losses) - len(regularized)
+        model(tf.nest.map_structure(
+            lambda s: keras.KerasTensor(s.shape, dtype=s.dtype.name), specs
+        ), training=False)
+    except Exception:  # noqa: BLE001 - any failure: try the traced call
+        tf.function(lambda x: model(x, training=False)).get_concrete_function(specs)
 
 
 def _xla_choice(model, jit_compile):
@@ -966,12 +1259,9 @@ def _all_layers(model):
 # Batch optimizers ############################################################
 ###############################################################################
 
-_DEFAULT_EPOCHS = 20
-# `OptimizeResult.status` of runs that kormos ended (99 is scipy's own code
-# for a callback that raised StopIteration).
-_STATUS_BUDGET_USED, _STATUS_INTERRUPTED, _STATUS_NOT_FINITE = 1, 97, 98
-_STATUS_STOPPED = 99
-_STOPPED_EARLY = (_STATUS_INTERRUPTED, _STATUS_NOT_FINITE, _STATUS_STOPPED)
+#: One evaluation of the objective: the point, the loss, its gradient, the
+#: compiled metrics and whether loss and gradient are finite.
+_Evaluation = collections.namedtuple("_Evaluation", "x loss gradient metrics finite")
 
 
 class BatchOptimizer:
@@ -1041,7 +1331,8 @@ class BatchOptimizer:
         self.hessp_evals = 0  # Hessian-vector-product passes, likewise
         self._jit_compile = "auto"
         self._objective = None
-        self._cache = []  # [(x, (loss, gradient, metrics), finite)], newest last
+        self._cache = []  # the last `_Evaluation`s, newest last
+        self._data = self._validation_data = None  # the bound `_Data`
         # The cached point the weights hold since the last evaluation, unless a
         # callback ran: then set_weights(x) need not copy all n weights into
         # the model again (benchmarks/bench.py, "large" row).
@@ -1109,22 +1400,32 @@ class BatchOptimizer:
                                      class_weight, steps, self.max_dataset_bytes))
         return self
 
-    def _bind(self, model, data):
-        per_batch_losses = _probe_model(model, data)
+    def _bind(self, model, data, validation=None):
+        _build_model(model, data)
         if not model.trainable_variables:
             raise ValueError(
                 "The model has no trainable weights to optimize: make sure "
                 "some of its layers are trainable."
             )
-        if data.num_batches != 1:
-            _warn_if_batches_change_the_loss(model, per_batch_losses)
         objective = self._objective
-        if objective is None or objective.model is not model or [
-            id(v) for v in objective.variables
-        ] != [id(v) for v in model.trainable_variables]:
+        if objective is None or objective.model is not model or _ids(
+            objective.variables
+        ) != _ids(model.trainable_variables):
             objective = _Objective(model, *_xla_choice(model, self._jit_compile))
-        objective.bind(data)
+        objective.bind(data, validation)
         self.model, self._objective, self._cache = model, objective, []
+        self._data, self._validation_data = data, validation
+
+    def _validation(self, data):
+        """Binds the validation `data`; returns a function that gives its loss
+        and metrics at the current weights (a dict of floats)."""
+        self._bind(self.model, self._data, data)
+
+        def validate():
+            loss, metrics = self._objective.value()
+            return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+
+        return validate
 
     def _require_built(self):
         if self._objective is None:
@@ -1154,20 +1455,20 @@ class BatchOptimizer:
         Raises:
             FloatingPointError: If the loss or the gradient is not finite.
         """
-        loss, gradient, _ = self._evaluate(x)
-        return loss, gradient
+        found = self._finite_evaluation(x)
+        return found.loss, found.gradient
 
     def func(self, x):
         """Returns the full-data loss at `x` (a Python float)."""
-        return self._evaluate(x)[0]
+        return self._finite_evaluation(x).loss
 
     def grad(self, x):
         """Returns the gradient of the full-data loss at `x`."""
-        return self._evaluate(x)[1]
+        return self._finite_evaluation(x).gradient
 
     def metrics_at(self, x):
         """Returns the compiled metrics on the training data at `x` (a dict)."""
-        return self._evaluate(x)[2]
+        return self._finite_evaluation(x).metrics
 
     def hessp(self, x, v):
         """Returns the exact Hessian-vector product H(x) @ v (float64)."""
@@ -1186,42 +1487,82 @@ class BatchOptimizer:
         h = np.stack([self.hessp(x, np.eye(1, n, i).ravel()) for i in range(n)], 1)
         return 0.5 * (h + h.T)
 
-    def _evaluate(self, x):
+    def _finite_evaluation(self, x):
+        """Returns the `_Evaluation` at `x`, or raises a FloatingPointError
+        if it is not finite."""
+        found, _ = self._evaluation(x)
+        if not found.finite:
+            what = "loss" if not np.isfinite(found.loss) else "gradient"
+            raise FloatingPointError(
+                f"The {what} is not finite (loss={found.loss}) at the current weights."
+            )
+        return found
+
+    def _evaluation(self, x):
+        """Returns `(evaluation, fresh)`: the `_Evaluation` at `x`, remembered
+        or computed now (fresh)."""
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        _, value, finite = self._cached(x) or self._compute(x)
-        if not finite:
-            what = "loss" if not np.isfinite(value[0]) else "gradient"
-            raise FloatingPointError(
-                f"The {what} is not finite (loss={value[0]}) at the current weights."
-            )
-        return value
+        found = self._remembered(x)
+        return (found, False) if found else (self._evaluate(x), True)
 
-    def _compute(self, x):
+    def _evaluate(self, x):
         """Evaluates at `x` (one compiled pass) and remembers the result."""
-        x = tf.constant(x)
-        loss, gradient, metrics = self._objective.fg(x)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        value = (float(loss), gradient.numpy(), metrics)
-        finite = bool(np.isfinite(value[0]) and np.all(np.isfinite(value[1])))
-        entry = (x.numpy(), value, finite)  # a copy: scipy reuses its buffer
-        self._cache = (self._cache + [entry])[-self.max_cache_entries :]
-        self.fg_evals, self._holds = self.fg_evals + 1, entry[0]
-        _warn_unused_variables(self._objective)
-        return entry
+        loss, gradient, metrics = self._objective.fg(tf.constant(x))
+        loss, gradient = float(loss), gradient.numpy()
+        found = _Evaluation(
+            np.array(x),  # a copy: scipy reuses its buffer
+            loss,
+            gradient,
+            {k: float(v) for k, v in metrics.items()},
+            bool(np.isfinite(loss) and np.isfinite(gradient).all()),
+        )
+        self._cache = (self._cache + [found])[-self.max_cache_entries :]
+        self.fg_evals, self._holds = self.fg_evals + 1, found.x
+        while self._objective.notices:
+            _warn(self._objective.notices.pop(0))
+        return found
 
-    def _cached(self, x):
-        """Returns the remembered `(point, value, finite)` at `x`, or None."""
-        for entry in reversed(self._cache):
-            point = entry[0]
-            if point is x or (point[0] == x[0] and np.array_equal(point, x)):
-                return entry
+    def _remembered(self, x):
+        """Returns the remembered `_Evaluation` at `x`, or None."""
+        for found in reversed(self._cache):
+            if found.x is x or (found.x[0] == x[0] and np.array_equal(found.x, x)):
+                return found
         return None
 
     def minimize(self, epochs=None, callback=None, pretrain_fn=None, **kwargs):
         """Minimizes the bound objective from the current weights and returns
         the final weights; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement `minimize()`.")
+
+    def _plan(self, epochs=None, method=None, options=None, pretrain_fn=None):
+        """Returns the `_Run`s of a fit: here, one call of `minimize()`."""
+        budget = _iteration_budget(epochs, {}, method, warn=False)
+        return [_Run(method, budget, options, pretrain_fn)]
+
+    def _minimize_runs(self, runs, listener, **solver_kwargs):
+        """Runs a fit's `runs` for the fit loop (`listener`): here, one call of
+        `minimize()`, whose callback ends each iteration."""
+        if not runs:
+            return
+
+        def callback(x):
+            listener.begin_iteration()
+            return listener.end_iteration(self._iterate(self._finite_evaluation(x)))
+
+        run, given = runs[0], {"method": runs[0].method, "options": runs[0].options}
+        given = {k: v for k, v in {**given, **solver_kwargs}.items() if v is not None}
+        budget = sum(r.budget for r in runs)
+        self.minimize(epochs=budget, callback=callback, pretrain_fn=run.pretrain_fn,
+                      **given)
+
+    def _iterate(self, found):
+        """Returns an iterate as the fit loop logs it, scipy's intermediate
+        result with the metrics and the passes so far."""
+        return scipy.optimize.OptimizeResult(
+            x=found.x, fun=found.loss, jac=found.gradient, metrics=found.metrics,
+            nfev=self.fg_evals, nhev=self.hessp_evals,
+        )
 
     def get_config(self):
         """Returns the constructor arguments, as Keras objects do."""
@@ -1250,32 +1591,6 @@ def _check_positive_int(value, argname, or_none=None):
         )
 
 
-def _warn_if_batches_change_the_loss(model, per_batch_losses):
-    if per_batch_losses > 0:
-        _warn(
-            "The model adds losses per call (`add_loss` or an activity "
-            "regularizer). Split into batches, they are computed on each "
-            "batch and averaged, weighted by rows, so the objective depends "
-            "on `batch_size`; pass batch_size=None to compute them on all rows."
-        )
-    elif _batch_weighting(model) is None:
-        _warn(
-            "kormos cannot tell how this model's loss combines over batches "
-            "(a custom `compute_loss`, or compiled losses reduced in different "
-            "ways); it averages the batch losses weighted by rows, so the "
-            "objective may depend on `batch_size`."
-        )
-
-
-def _warn_unused_variables(objective):
-    if objective.unused_variables:
-        _warn(
-            "These trainable weights have no gradient path to the loss and "
-            f"stay fixed: {objective.unused_variables}"
-        )
-        objective.unused_variables = []
-
-
 def _warn(message):
     """Issues a `UserWarning` attributed to the caller's own code: the first
     frame outside kormos, Keras, TensorFlow and scipy (Python 3.12's
@@ -1288,487 +1603,6 @@ def _warn(message):
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
-
-
-class _Interrupts:
-    """Ctrl-C during a fit: stop at the next safe point, keeping the weights.
-
-    Inside `deferred()` (in the main thread) the first SIGINT only sets
-    `requested`, which the solver checks at every evaluation and iteration to
-    end at the last iterate; a second SIGINT raises `KeyboardInterrupt`.
-    """
-
-    def __init__(self):
-        self.requested, self._depth = False, 0
-
-    @contextlib.contextmanager
-    def deferred(self):
-        install = (
-            self._depth == 0
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
-        self.requested = self.requested and self._depth > 0
-        if install:
-            signal.signal(signal.SIGINT, self._on_sigint)
-        self._depth += 1
-        try:
-            yield self
-        finally:
-            self._depth -= 1
-            if install:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _on_sigint(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-_INTERRUPTS = _Interrupts()
-
-
-class ScipyBatchOptimizer(BatchOptimizer):
-    """Trains a model with `scipy.optimize.minimize` on the full data.
-
-    Every method works: gradient methods (`"L-BFGS-B"`, `"BFGS"`, `"CG"`,
-    `"TNC"`, `"SLSQP"`) get the exact gradient; `"Newton-CG"`, `"trust-ncg"`,
-    `"trust-krylov"` and `"trust-constr"` also get exact Hessian-vector
-    products, `"trust-exact"` and `"dogleg"` the dense Hessian (small
-    models), derivative-free methods the loss. The arguments are defaults
-    that `minimize()` and `fit()` may override; their order is kormos 0.1's.
-
-    Example:
-
-    ```python
-    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(
-        method="L-BFGS-B", options={"gtol": 1e-10}))
-    history = model.fit(x, y, epochs=100)
-    print(model.optimizer.results[-1].message)
-    ```
-
-    Args:
-        name: Name of the optimizer. Defaults to `"scipy"`.
-        method: A `scipy.optimize.minimize` method name in any case, or a
-            custom minimizer `(fun, x0, args, **kwargs) -> OptimizeResult`.
-            Defaults to `"L-BFGS-B"`.
-        epochs: The iteration budget. Defaults to `options["maxiter"]`, else 20.
-        pretrain_fn: `fn(model)`, called before the solver starts.
-        options: Dict for `scipy.optimize.minimize(options=...)`.
-        bounds: A `scipy.optimize.Bounds`, `(low, high)` pairs over the flat
-            vector, or a dict from a variable path (suffix), e.g.
-            `"dense/kernel"`, to `(low, high)`. `NonNeg` constraints add 0.
-        constraints: scipy constraints over the flat vector (SLSQP,
-            trust-constr, COBYLA, COBYQA). tol: As in scipy.
-        max_dense_params: The largest model allowed for BFGS, SLSQP,
-            trust-exact and dogleg (dense n x n matrices). Defaults to 2000.
-        **kwargs: `batch_size`, `max_cache_entries`, `dtype`,
-            `max_dataset_bytes`; see `BatchOptimizer`.
-    """
-
-    def __init__(
-        self,
-        name="scipy",
-        method=None,
-        epochs=None,
-        pretrain_fn=None,
-        options=None,
-        bounds=None,
-        constraints=None,
-        tol=None,
-        max_dense_params=2000,
-        **kwargs,
-    ):
-        super().__init__(name=name, **kwargs)
-        if method is None and isinstance(name, str) and name.lower() in METHODS:
-            _warn(
-                f"ScipyBatchOptimizer({name!r}) names the optimizer {name!r} and "
-                "runs L-BFGS-B: its first argument is `name`, as in kormos 0.1. "
-                f"Pass method={name!r} to run {name}."
-            )
-        self.method = "l-bfgs-b" if method is None else method
-        self.epochs, self.pretrain_fn, self.options = epochs, pretrain_fn, options
-        self.bounds, self.constraints, self.tol = bounds, constraints, tol
-        self.max_dense_params = max_dense_params
-        runs = _plan_runs(self)  # checks the arguments
-        methods = [run.method for run in runs]
-        self.method = methods if isinstance(method, (list, tuple)) else methods[0]
-
-    def minimize(
-        self,
-        epochs=None,
-        callback=None,
-        pretrain_fn=None,
-        method=None,
-        options=None,
-        bounds=None,
-        constraints=None,
-        tol=None,
-    ):
-        """Runs the solver, or a chain of solvers, from the current weights.
-
-        Arguments left `None` take the optimizer's own. `method`, `epochs`,
-        `options` and `pretrain_fn` may be lists of equal length to chain
-        solvers, each starting where the last one stopped; `results` holds
-        each run's `scipy.optimize.OptimizeResult`. A run stopped by
-        `callback`, a non-finite loss or Ctrl-C ends at its last iterate (a
-        second Ctrl-C raises KeyboardInterrupt at once).
-
-        Args:
-            epochs: The iteration budget, passed as `options["maxiter"]`
-                (kormos counts the iterations of TNC, COBYLA and COBYQA).
-                Given with a different `maxiter`, `epochs` wins, with a
-                warning; if neither is given, the budget is 20.
-            callback: `callback(x) -> bool`, called with each iterate (and
-                the solver's answer, if new); returning `True` stops.
-            pretrain_fn: `fn(model)`, called before the run (e.g. to freeze
-                a layer). method, options, bounds, constraints, tol: As in
-                the constructor.
-
-        Returns:
-            The final weights as a flat float64 vector, as in kormos 0.1.
-
-        Raises:
-            ValueError: For arguments the method cannot take, or a loss that
-                is not finite at the start; before any weight changes.
-        """
-        self._require_built()
-        runs = _plan_runs(self, method, epochs, options, pretrain_fn, warn=True)
-        bounds = self.bounds if bounds is None else bounds
-        constraints = self.constraints if constraints is None else constraints
-        tol = self.tol if tol is None else tol
-        for run in runs:
-            _check_solver_arguments(run.method, bounds, constraints)
-            _check_dense_size(run.method, self._objective.size, self.max_dense_params)
-        self.results, self.iterations, self.fg_evals, self.hessp_evals = [], 0, 0, 0
-        with _INTERRUPTS.deferred():
-            for run in runs:
-                if run.pretrain_fn is not None:
-                    run.pretrain_fn(self.model)
-                    if [id(v) for v in self.model.trainable_variables] != [
-                        id(v) for v in self._objective.variables
-                    ]:
-                        self._bind(self.model, self._objective.data)
-                self.results.append(self._run(run, callback, bounds, constraints, tol))
-                if self.results[-1].status in _STOPPED_EARLY:
-                    break
-        return self.get_weights()
-
-    def _run(self, run, callback, bounds, constraints, tol):
-        """Runs one solver from the current weights; returns its result."""
-        x0 = self.get_weights()
-
-        def call_back(x):
-            try:
-                return callback(x)
-            finally:
-                self._holds = None  # the callback may have changed the weights
-
-        state = _RunState(self, run, callback and call_back, x0, self._cached)
-        name = _method_name(run.method)
-        arguments = {
-            "fun": state.loss if name in _DERIVATIVE_FREE else state.loss_and_gradient,
-            "jac": name not in _DERIVATIVE_FREE or None,
-            "hessp": state.hessp if name in _HESSP_METHODS + ("custom",) else None,
-            "hess": self.hess if name in _HESS_METHODS else None,
-            "bounds": _resolve_bounds(bounds, self._objective.variables, name),
-            "constraints": constraints or (),
-        }
-        arguments = {k: v for k, v in arguments.items() if v is not None}
-        try:
-            with _solver_blas_threads(run.method):
-                result = scipy.optimize.minimize(
-                    x0=x0,
-                    method=run.method,
-                    options=run.scipy_options(),
-                    tol=tol,
-                    callback=state.on_iteration,
-                    **arguments,
-                )
-        except _StopRun as stop:
-            result = state.result(stop.status, stop.message)
-        except BaseException:
-            self.set_weights(state.x)
-            raise
-        else:
-            state.report_final(result.x)
-            _explain_float32_stall(result, state.losses, self._objective.variables)
-        if not isinstance(result.get("hess_inv"), (np.ndarray, type(None))):
-            # L-BFGS-B's operator holds scipy's whole workspace (~25 x n floats).
-            del result["hess_inv"]
-        self.set_weights(result.x)
-        return result
-
-    def get_config(self):
-        """Returns the constructor arguments except `bounds`, `constraints`
-        and `pretrain_fn`. A custom minimizer is saved by its registered
-        Keras name: decorate it with `keras.saving.register_keras_serializable()`
-        or pass it in `custom_objects` when loading."""
-        method = self.method
-        if callable(method):
-            method = keras.saving.serialize_keras_object(method)
-        return {
-            **super().get_config(),
-            "method": method,
-            "epochs": self.epochs,
-            "options": self.options,
-            "tol": self.tol,
-            "max_dense_params": self.max_dense_params,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        """Creates an optimizer from `get_config()` output."""
-        config = dict(config)
-        method = config.get("method")
-        if isinstance(method, dict):
-            try:
-                config["method"] = keras.saving.deserialize_keras_object(method)
-            except (TypeError, ValueError) as e:
-                name = method.get("config")
-                raise TypeError(
-                    f"Cannot find the custom minimizer {name!r} of this "
-                    "ScipyBatchOptimizer. Decorate it with "
-                    "`@keras.saving.register_keras_serializable()` or pass "
-                    f"`custom_objects={{{name!r}: {name}}}` to `load_model`."
-                ) from e
-        return cls(**config)
-
-
-class _StopRun(Exception):
-    """Ends a solver run at its last iterate (the one stop path of kormos).
-
-    scipy ends a run cleanly on a StopIteration from its callback, except
-    TNC (scipy/optimize/_tnc.py passes the callback on unwrapped), and not at
-    all from inside an evaluation: kormos raises this from both instead.
-    """
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class _Run:
-    """One solver run of a chain: method, iteration budget, options, pretrain_fn."""
-
-    def __init__(self, method, budget, options, pretrain_fn):
-        self.method, self.budget = method, budget
-        self.options, self.pretrain_fn = options, pretrain_fn  # as given
-        # Where `maxiter` counts iterations it carries the budget; kormos
-        # counts the iterations of the other methods itself.
-        self.maxiter_is_budget = _method_name(method) not in _COUNTED_BY_KORMOS
-
-    def scipy_options(self):
-        """The `options` for scipy: the user's, with the budget as `maxiter`."""
-        budget = {"maxiter": self.budget} if self.maxiter_is_budget else {}
-        return {**self.options, **budget}
-
-    def after(self, done):
-        """This run without its first `done` iterations (for a resumed fit)."""
-        return _Run(self.method, self.budget - done, self.options, self.pretrain_fn)
-
-
-def _plan_runs(
-    optimizer, method=None, epochs=None, options=None, pretrain_fn=None, warn=False
-):
-    """Checks the solver arguments and returns a list of `_Run`s.
-
-    Arguments left None take the optimizer's own. Each of `method`, `epochs`,
-    `options` and `pretrain_fn` is a list (one entry per chained run, all of
-    one length) or a value for every run. A run's budget is `epochs`, else
-    `options["maxiter"]`, else 20.
-    """
-    given = {
-        "method": optimizer.method if method is None else method,
-        "epochs": optimizer.epochs if epochs is None else epochs,
-        "options": optimizer.options if options is None else options,
-        "pretrain_fn": optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
-    }
-    lists = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
-    lengths = {len(v) for v in lists.values()}
-    if len(lengths) > 1:
-        detail = ", ".join(f"{k} has {len(v)}" for k, v in lists.items())
-        raise ValueError(
-            "To chain solvers, `method`, `epochs`, `options` and "
-            f"`pretrain_fn` lists must have the same length. Received: {detail}"
-        )
-    count = lengths.pop() if lengths else 1
-    if count == 0:
-        raise ValueError("The solver chain is empty: pass at least one method.")
-    runs = []
-    for i in range(count):
-        run = {k: v[i] if k in lists else v for k, v in given.items()}
-        method = _canonical_method(run["method"])
-        if run["options"] is not None and not isinstance(run["options"], dict):
-            raise TypeError(
-                "`options` must be a dict of solver options (see "
-                "scipy.optimize.show_options('minimize', method)), or a list "
-                f"of dicts (one per chained solver). Received: options={options!r}"
-            )
-        options_i = dict(run["options"] or {})
-        budget = _iteration_budget(run["epochs"], options_i, method, warn)
-        runs.append(_Run(method, budget, options_i, run["pretrain_fn"]))
-    return runs
-
-
-def _iteration_budget(epochs, options, method, warn):
-    """Returns a run's iteration budget: `epochs`, else `maxiter`, else 20."""
-    maxiter = options.get("maxiter")
-    if _method_name(method) in _COUNTED_BY_KORMOS:
-        maxiter = None  # it counts evaluations, or does not exist
-    if epochs is None:
-        return _DEFAULT_EPOCHS if maxiter is None else int(maxiter)
-    _check_positive_int(epochs, "epochs")
-    if warn and maxiter is not None and maxiter != epochs:
-        _warn(
-            f"options['maxiter']={maxiter} and epochs={epochs} both set the "
-            f"iteration budget; epochs wins, so the solver runs at most {epochs} "
-            "iterations. Leave epochs unset to use maxiter."
-        )
-    return int(epochs)
-
-
-class _RunState:
-    """The scipy-facing callables of one run, and what they have seen.
-
-    It keeps the last accepted iterate (the last one passed to the user's
-    callback), counts iterations and raises `_StopRun` to end the run.
-    """
-
-    def __init__(self, optimizer, run, callback, x0, remembered):
-        self.optimizer, self.run, self.callback = optimizer, run, callback
-        self.remembered = remembered  # x -> the cached (x, value, finite) or None
-        self.x0 = self.x = x0  # the start, and the last accepted iterate
-        self.nit, self.losses = 0, []  # the losses of the last two iterates
-        self.evals_before = (optimizer.fg_evals, optimizer.hessp_evals)
-        self.counts_itself = _method_name(run.method) in (*_COUNTED_BY_KORMOS, "custom")
-
-    def loss_and_gradient(self, x):
-        self._stop_if_interrupted()
-        try:
-            return self.optimizer.func_and_grad(x)
-        except FloatingPointError as error:
-            if self.nit == 0 and np.array_equal(x, self.x0):
-                raise ValueError(
-                    f"{error} The solver cannot start from non-finite values: "
-                    "check the data for NaN/Inf and the initial weights."
-                ) from None
-            message = f"Stopped: {error} The last finite iterate is kept."
-            _warn(message)
-            raise _StopRun(_STATUS_NOT_FINITE, message) from None
-
-    def loss(self, x):
-        return self.loss_and_gradient(x)[0]
-
-    def hessp(self, x, v):
-        self._stop_if_interrupted()
-        return self.optimizer.hessp(x, v)
-
-    def on_iteration(self, intermediate_result):
-        # Most methods pass an OptimizeResult, TNC passes x. L-BFGS-B and
-        # Newton-CG reuse one buffer for x: keep the cache's copy, or copy.
-        x = getattr(intermediate_result, "x", intermediate_result)
-        entry = self.remembered(x)
-        self.x = entry[0] if entry else np.array(x, dtype=np.float64)
-        self.losses = self.losses[-1:] + ([entry[1][0]] if entry else [])
-        self.nit += 1
-        self.optimizer.iterations += 1
-        if self.callback is not None and self.callback(self.x):
-            raise _StopRun(_STATUS_STOPPED, "Stopped by a callback (stop_training).")
-        self._stop_if_interrupted()
-        if self.counts_itself and self.nit >= self.run.budget:
-            raise _StopRun(_STATUS_BUDGET_USED, "Stopped: the budget (epochs) is used.")
-
-    def _stop_if_interrupted(self):
-        if _INTERRUPTS.requested:
-            message = "Interrupted by Ctrl-C; the last iterate is kept."
-            raise _StopRun(_STATUS_INTERRUPTED, message)
-
-    def report_final(self, x):
-        """Passes the solver's answer to the callback if it is a new point."""
-        if self.callback is not None and not np.array_equal(x, self.x):
-            self.x = np.array(x, dtype=np.float64)
-            self.callback(self.x)
-
-    def result(self, status, message):
-        """Builds the result of a run that kormos ended, at the last iterate."""
-        entry = self.remembered(self.x)
-        return scipy.optimize.OptimizeResult(
-            x=self.x,
-            fun=entry[1][0] if entry else float("nan"),
-            jac=entry[1][1] if entry else None,
-            nit=self.nit,
-            nfev=self.optimizer.fg_evals - self.evals_before[0],
-            nhev=self.optimizer.hessp_evals - self.evals_before[1],
-            status=status,
-            success=False,
-            message=message,
-        )
-
-
-def _check_solver_arguments(method, bounds, constraints):
-    name = _method_name(method)
-    for argument, value, takers in (
-        ("bounds", bounds, _BOUNDS_METHODS),
-        ("constraints", constraints or None, _CONSTRAINT_METHODS),
-    ):
-        if value is not None and name not in takers + ("custom",):
-            raise ValueError(
-                f"Method {name!r} ignores `{argument}`; use one of "
-                f"{', '.join(takers)}. Received: {argument}={value!r}"
-            )
-
-
-def _check_dense_size(method, n, limit):
-    if method in _DENSE_MATRICES and n > limit:
-        gigabytes = _DENSE_MATRICES[method] * 8 * n * n / 1e9
-        raise ValueError(
-            f"Method {method!r} keeps dense {n} x {n} matrices for this model's "
-            f"{n} weights: about {gigabytes:.1f} GB, and O(n^3) work per "
-            "iteration. Use 'L-BFGS-B' or 'Newton-CG' instead, or raise the "
-            f"limit with ScipyBatchOptimizer(max_dense_params=...) (now {limit})."
-        )
-
-
-try:
-    import threadpoolctl as _threadpoolctl
-except ImportError:  # optional
-    _threadpoolctl = None
-
-
-def _solver_blas_threads(method):
-    """Limits numpy's and scipy's BLAS to one thread while a solver runs,
-    with threadpoolctl where it is installed (else it does nothing).
-
-    A limited-memory solver's vector arithmetic is small, and a second BLAS
-    thread competes with TensorFlow for the cores (the BLAS line of
-    benchmarks/bench.py); methods with dense n x n matrices keep them all.
-    """
-    if method in _DENSE_MATRICES or _threadpoolctl is None:
-        return contextlib.nullcontext()
-    return _threadpoolctl.threadpool_limits(1, user_api="blas")
-
-
-def _explain_float32_stall(result, losses, variables):
-    """Says so when a float32 model stopped because its loss cannot resolve
-    smaller steps: L-BFGS-B's relative-reduction test passed on two equal
-    float32 losses, or a line search failed."""
-    if not any(_dtype_name(v) in ("float16", "bfloat16", "float32") for v in variables):
-        return
-    # "RELATIVE REDUCTION OF F", or "REL_REDUCTION_OF_F" in older scipy.
-    message = str(result.message).lower().replace("_", " ")
-    failures = ("abnormal", "precision loss", "line search", "linesearch")
-    failed = not result.success and any(s in message for s in failures)
-    resolution = np.finfo(np.float32).eps * max(map(abs, losses), default=0.0)
-    flat = len(losses) == 2 and abs(losses[0] - losses[1]) <= resolution
-    if failed or ("reduction of f" in message and flat):
-        result.message = (
-            f"{result.message} The model computes in float32, whose loss "
-            "cannot resolve smaller steps, so this is a float32 stall rather "
-            "than convergence; call keras.config.set_floatx('float64') and "
-            "keras.config.set_dtype_policy('float64') before building the model."
-        )
-        _warn(result.message)
 
 
 ###############################################################################
@@ -1821,8 +1655,8 @@ def _user_bounds(bounds, variables, offsets):
     n = offsets[-1]
     if isinstance(bounds, scipy.optimize.Bounds):
         return tuple(
-            np.broadcast_to(np.asarray(b, float), (n,)).copy()
-            for b in (bounds.lb, bounds.ub)
+            _broadcast(b, (n,), f"`bounds.{side}` (one entry per weight)")
+            for side, b in (("lb", bounds.lb), ("ub", bounds.ub))
         )
     if not isinstance(bounds, dict):
         pairs = list(bounds)
@@ -1843,8 +1677,19 @@ def _user_bounds(bounds, variables, offsets):
         span, shape = spans[key]
         for side, value in ((lower, lo), (upper, hi)):
             if value is not None:
-                side[span] = np.broadcast_to(np.asarray(value, float), shape).ravel()
+                side[span] = _broadcast(value, shape, f"`bounds[{key!r}]`")
     return lower, upper
+
+
+def _broadcast(value, shape, what):
+    """Returns `value` broadcast to `shape`, flattened, or raises."""
+    try:
+        return np.broadcast_to(np.asarray(value, float), shape).ravel()
+    except ValueError:
+        raise ValueError(
+            f"{what} must be a number or an array of shape {shape}. Received: "
+            f"an array of shape {np.shape(value)}"
+        ) from None
 
 
 def _variable_index(key, variables):
@@ -1858,6 +1703,656 @@ def _variable_index(key, variables):
         f"The `bounds` key {key!r} {problem} trainable variable. Use a "
         f"longer path suffix. Variable paths: {paths}"
     )
+
+
+def _bounds_config(bounds):
+    """Returns `bounds` as plain data for `get_config` (see `_bounds_from`)."""
+    if isinstance(bounds, scipy.optimize.Bounds):
+        lb, ub = (np.asarray(b, float).tolist() for b in (bounds.lb, bounds.ub))
+        return {"scipy.optimize.Bounds": [lb, ub]}
+    if isinstance(bounds, dict):
+        return {k: [np.asarray(b, float).tolist() for b in v]
+                for k, v in bounds.items()}
+    return None if bounds is None else np.asarray(bounds, float).tolist()
+
+
+def _bounds_from(config):
+    """The inverse of `_bounds_config`."""
+    if isinstance(config, dict) and list(config) == ["scipy.optimize.Bounds"]:
+        return scipy.optimize.Bounds(*config["scipy.optimize.Bounds"])
+    return config
+
+
+###############################################################################
+# Solver runs #################################################################
+###############################################################################
+
+_DEFAULT_EPOCHS = 20
+# `OptimizeResult.status` of runs that kormos ended (99 is scipy's own code
+# for a callback that raised StopIteration).
+_STATUS_BUDGET_USED, _STATUS_INTERRUPTED, _STATUS_NOT_FINITE = 1, 97, 98
+_STATUS_STOPPED = 99
+_STOPPED_EARLY = (_STATUS_INTERRUPTED, _STATUS_NOT_FINITE, _STATUS_STOPPED)
+
+
+class _Interrupts:
+    """Ctrl-C during a fit: stop at the next safe point, keeping the weights.
+
+    Inside `deferred()` (in the main thread) the first SIGINT only sets
+    `requested`, which the solver checks at every evaluation and iteration to
+    end at the last iterate; a second SIGINT raises `KeyboardInterrupt`.
+    """
+
+    def __init__(self):
+        self.requested, self._depth = False, 0
+
+    @contextlib.contextmanager
+    def deferred(self):
+        install = (
+            self._depth == 0
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        self.requested = self.requested and self._depth > 0
+        if install:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if install:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+_INTERRUPTS = _Interrupts()
+
+
+class _StopRun(Exception):
+    """Ends a solver run at its last iterate (the one stop path of kormos).
+
+    scipy ends a run cleanly on a StopIteration from its callback only for
+    the methods its `_wrap_callback` wraps (scipy/optimize/_optimize.py; TNC
+    and COBYLA are among those it leaves out, and the set changes between
+    versions), and never from inside an evaluation: kormos raises this from
+    both instead and builds the run's result itself.
+    """
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _Run:
+    """One solver run of a chain: method, iteration budget, options, pretrain_fn."""
+
+    def __init__(self, method, budget, options, pretrain_fn):
+        self.method, self.budget = method, budget
+        self.options, self.pretrain_fn = options, pretrain_fn  # as given
+        # Where `maxiter` counts iterations it carries the budget; kormos
+        # counts the iterations of the other methods itself.
+        self.maxiter_is_budget = _method_name(method) not in _COUNTED_BY_KORMOS
+
+    def scipy_options(self):
+        """The `options` for scipy: the user's, with the budget as `maxiter`."""
+        budget = {"maxiter": self.budget} if self.maxiter_is_budget else {}
+        return {**(self.options or {}), **budget}
+
+    def after(self, done):
+        """This run without its first `done` iterations (for a resumed fit)."""
+        return _Run(self.method, self.budget - done, self.options, self.pretrain_fn)
+
+
+def _plan_runs(
+    optimizer, method=None, epochs=None, options=None, pretrain_fn=None, warn=True
+):
+    """Checks the solver arguments and returns a list of `_Run`s.
+
+    Arguments left None take the optimizer's own. Each of `method`, `epochs`,
+    `options` and `pretrain_fn` is a list (one entry per chained run, all of
+    one length) or a value for every run. A run's budget is `epochs`, else
+    `options["maxiter"]`, else 20; the budgets of a chain add up, and the
+    fit's epochs count through them.
+    """
+    given = {
+        "method": optimizer.method if method is None else method,
+        "epochs": optimizer.epochs if epochs is None else epochs,
+        "options": optimizer.options if options is None else options,
+        "pretrain_fn": optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
+    }
+    lists = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) > 1:
+        detail = ", ".join(f"{k} has {len(v)}" for k, v in lists.items())
+        raise ValueError(
+            "To chain solvers, `method`, `epochs`, `options` and "
+            f"`pretrain_fn` lists must have the same length. Received: {detail}"
+        )
+    count = lengths.pop() if lengths else 1
+    if count == 0:
+        raise ValueError("The solver chain is empty: pass at least one method.")
+    runs = []
+    for i in range(count):
+        run = {k: v[i] if k in lists else v for k, v in given.items()}
+        method = _canonical_method(run["method"])
+        if run["options"] is not None and not isinstance(run["options"], dict):
+            raise TypeError(
+                "`options` must be a dict of solver options (see "
+                "scipy.optimize.show_options('minimize', method)), or a list "
+                "of dicts (one per chained solver). Received: "
+                f"options={run['options']!r}"
+            )
+        options_i = dict(run["options"] or {})
+        budget = _iteration_budget(run["epochs"], options_i, method, warn)
+        runs.append(_Run(method, budget, options_i, run["pretrain_fn"]))
+    return runs
+
+
+def _iteration_budget(epochs, options, method, warn):
+    """Returns a run's iteration budget: `epochs`, else `maxiter`, else 20."""
+    maxiter = options.get("maxiter")
+    if _method_name(method) in _COUNTED_BY_KORMOS:
+        maxiter = None  # it counts evaluations, or does not exist
+    if epochs is None:
+        return _DEFAULT_EPOCHS if maxiter is None else int(maxiter)
+    _check_positive_int(epochs, "epochs")
+    if warn and maxiter is not None and maxiter != epochs:
+        _warn(
+            f"options['maxiter']={maxiter} and epochs={epochs} both set the "
+            f"iteration budget; epochs wins, so the solver runs at most {epochs} "
+            "iterations. Leave epochs unset to use maxiter."
+        )
+    return int(epochs)
+
+
+def _skip_iterations(runs, done):
+    """Returns `runs` without their first `done` iterations (the epochs that
+    `initial_epoch` or a resumed fit count as done)."""
+    remaining = []
+    for run in runs:
+        if done < run.budget:
+            remaining.append(run.after(done))
+        done = max(0, done - run.budget)
+    return remaining
+
+
+class _SolverRun:
+    """One solver run: the callables scipy gets, what they have seen, and the
+    run's result.
+
+    It counts its own evaluations and iterations and keeps the last
+    accepted iterate. Its `listener` hears `begin_iteration()` before an
+    iteration's first evaluation and `end_iteration(iterate)` after it,
+    where a True answer stops the run; `_StopRun` ends the run early.
+    """
+
+    def __init__(self, optimizer, run, listener):
+        self.optimizer, self.run, self.listener = optimizer, run, listener
+        self.x0 = self.x = optimizer.get_weights()  # the start, the last iterate
+        self.last = None  # the `_Evaluation` of the last iterate
+        self.nit = self.nfev = self.nhev = 0
+        self.losses = []  # of the last two iterates
+        self.in_iteration = False  # the listener has heard begin_iteration()
+        self.counts_itself = _method_name(run.method) in (*_COUNTED_BY_KORMOS, "custom")
+        self.hess_inv = None  # the dense quasi-Newton methods' `_InverseHessian`
+
+    def solve(self, bounds, constraints, tol, carried):
+        """Runs scipy from the current weights (a quasi-Newton method from the
+        inverse Hessian `carried`, if not None) and returns its result."""
+        name = _method_name(self.run.method)
+        method, options = self.run.method, self.run.scipy_options()
+        if name in _QUASI_NEWTON:
+            method = functools.partial(_minimize_quasi_newton, update=name)
+            start = options.get("hess_inv0")
+            self.hess_inv = options["hess_inv0"] = (
+                _InverseHessian(carried) if start is None and carried is not None
+                else _start_inverse_hessian(start, len(self.x0))
+            )
+        arguments = {
+            "fun": self.loss if name in _DERIVATIVE_FREE else self.loss_and_gradient,
+            "jac": name not in _DERIVATIVE_FREE or None,
+            "hessp": self.hessp if name in _HESSP_METHODS + ("custom",) else None,
+            "hess": self.hess if name in _HESS_METHODS else None,
+            "bounds": bounds,
+            "constraints": constraints or (),
+        }
+        arguments = {k: v for k, v in arguments.items() if v is not None}
+        try:
+            with _solver_blas_threads(name):
+                result = scipy.optimize.minimize(
+                    x0=self.x0, method=method, options=options, tol=tol,
+                    callback=self.on_iteration, **arguments,
+                )
+        except _StopRun as stop:
+            result = self._result(stop.status, stop.message)
+        except BaseException:
+            self.optimizer.set_weights(self.x)
+            raise
+        else:
+            self._report_final(result.x)
+            _explain_float32_stall(result, self.losses, self.optimizer.model)
+        if self.hess_inv is not None:
+            result.update(hess_inv=self.hess_inv.symmetric(), nfev=self.nfev,
+                          njev=self.nfev)
+        elif not isinstance(result.get("hess_inv"), (np.ndarray, type(None))):
+            # L-BFGS-B's operator holds scipy's whole workspace (~25 x n floats).
+            del result["hess_inv"]
+        self.optimizer.set_weights(result.x)
+        return result
+
+    def loss_and_gradient(self, x):
+        self._begin_iteration()
+        found, fresh = self.optimizer._evaluation(x)
+        self.nfev += fresh
+        if not found.finite:
+            what = "loss" if not np.isfinite(found.loss) else "gradient"
+            error = f"The {what} is not finite (loss={found.loss})"
+            if self.nit == 0 and np.array_equal(x, self.x0):
+                raise ValueError(
+                    f"{error} at the initial weights. The solver cannot start "
+                    "from non-finite values: check the data for NaN/Inf and the "
+                    "initial weights."
+                )
+            message = f"Stopped: {error}. The last finite iterate is kept."
+            _warn(message)
+            raise _StopRun(_STATUS_NOT_FINITE, message)
+        self.last = self.last or found  # the first evaluation is at x0
+        return found.loss, found.gradient
+
+    def loss(self, x):
+        return self.loss_and_gradient(x)[0]
+
+    def hessp(self, x, v):
+        self._begin_iteration()
+        self.nhev += 1
+        return self.optimizer.hessp(x, v)
+
+    def hess(self, x):
+        self._begin_iteration()
+        self.nhev += len(x)
+        return self.optimizer.hess(x)
+
+    def on_iteration(self, intermediate_result):
+        """scipy's callback: most methods pass an OptimizeResult, TNC passes
+        x (and L-BFGS-B and Newton-CG reuse its buffer)."""
+        if self._end_iteration(getattr(intermediate_result, "x", intermediate_result)):
+            raise _StopRun(_STATUS_STOPPED, "Stopped by a callback (stop_training).")
+        self._stop_if_interrupted()
+        if self.counts_itself and self.nit >= self.run.budget:
+            raise _StopRun(_STATUS_BUDGET_USED, "Stopped: the budget (epochs) is used.")
+
+    def _begin_iteration(self):
+        self._stop_if_interrupted()
+        if not self.in_iteration and self.listener is not None:
+            self.in_iteration = True
+            self.listener.begin_iteration()
+
+    def _end_iteration(self, x):
+        """Accepts the iterate `x` and tells the listener; returns its answer."""
+        found, fresh = self.optimizer._evaluation(x)  # remembered: scipy evaluated it
+        self.nfev += fresh
+        self.x, self.last, self.nit = found.x, found, self.nit + 1
+        self.losses = self.losses[-1:] + [found.loss]
+        if self.listener is None:
+            return False
+        self._begin_iteration()
+        self.in_iteration = False
+        return self.listener.end_iteration(self.optimizer._iterate(found))
+
+    def _stop_if_interrupted(self):
+        if _INTERRUPTS.requested:
+            message = "Interrupted by Ctrl-C; the last iterate is kept."
+            raise _StopRun(_STATUS_INTERRUPTED, message)
+
+    def _report_final(self, x):
+        """Tells the listener of the solver's answer if it is a new point."""
+        if not np.array_equal(x, self.x):
+            self._end_iteration(x)
+            self.nit -= 1  # not an iteration of the solver's (SLSQP's answer)
+
+    def _result(self, status, message):
+        """Builds the result of a run that kormos ended, at the last iterate."""
+        last = self.last
+        return scipy.optimize.OptimizeResult(
+            x=self.x,
+            fun=float("nan") if last is None else last.loss,
+            jac=None if last is None else last.gradient,
+            nit=self.nit,
+            nfev=self.nfev,
+            nhev=self.nhev,
+            status=status,
+            success=False,
+            message=message,
+        )
+
+
+class _UserCallback:
+    """The listener of `minimize(callback=...)`: `callback(x) -> bool`, as in
+    kormos 0.1."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def begin_iteration(self):
+        pass
+
+    def end_iteration(self, iterate):
+        return self.callback is not None and bool(self.callback(iterate.x))
+
+
+def _check_solver_arguments(method, bounds, constraints):
+    name = _method_name(method)
+    for argument, value, takers in (
+        ("bounds", bounds, _BOUNDS_METHODS),
+        ("constraints", constraints or None, _CONSTRAINT_METHODS),
+    ):
+        if value is not None and name not in takers + ("custom",):
+            raise ValueError(
+                f"Method {name!r} cannot take `{argument}`; use one of "
+                f"{', '.join(takers)}. Received: {argument}={value!r}"
+            )
+
+
+def _check_dense_size(method, n, limit):
+    """Refuses a method whose dense n x n matrices would not fit in memory,
+    or that has more than `limit` weights (None: 2000 for scipy's methods of
+    O(n^3) work per iteration, no limit for the quasi-Newton methods)."""
+    if method not in _DENSE_MATRICES:
+        return
+    if limit is None and method not in _QUASI_NEWTON:
+        limit = _DEFAULT_MAX_CUBIC_PARAMS
+    needed, available = _DENSE_MATRICES[method] * 8 * n * n, _available_memory()
+    if (limit is not None and n > limit) or needed > (available or needed):
+        reason = (
+            f"more than the {available / 1e9:.1f} GB of memory available"
+            if needed > (available or needed)
+            else f"and this model has more than max_dense_params={limit} weights"
+        )
+        raise ValueError(
+            f"Method {method!r} keeps dense {n} x {n} float64 matrices for this "
+            f"model's {n} weights: about {needed / 1e9:.1f} GB ({needed} bytes), "
+            f"{reason}. Use 'L-BFGS-B' or 'Newton-CG' instead, or set "
+            "ScipyBatchOptimizer(max_dense_params=...)."
+        )
+
+
+def _available_memory():
+    """Returns the bytes of memory available now, or None if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as meminfo:  # Linux: free + reclaimable
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+try:
+    import threadpoolctl as _threadpoolctl
+except ImportError:  # optional
+    _threadpoolctl = None
+
+
+def _solver_blas_threads(method):
+    """Limits numpy's and scipy's BLAS to one thread while a solver runs,
+    with threadpoolctl where it is installed (else it does nothing).
+
+    A solver's vector (and quasi-Newton matrix-vector) arithmetic is
+    memory-bound, and a second BLAS thread competes with TensorFlow for the
+    cores (the BLAS line of benchmarks/bench.py); scipy's methods with O(n^3)
+    matrix products keep them all.
+    """
+    cubic = method in _DENSE_MATRICES and method not in _QUASI_NEWTON
+    if cubic or _threadpoolctl is None:
+        return contextlib.nullcontext()
+    return _threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def _explain_float32_stall(result, losses, model):
+    """Says so when a float32 model stopped because its loss cannot resolve
+    smaller steps: L-BFGS-B's relative-reduction test passed on two equal
+    float32 losses, or a line search failed."""
+    if not any(
+        _dtype_name(v) in ("float16", "bfloat16", "float32")
+        for v in model.trainable_variables
+    ):
+        return
+    # "RELATIVE REDUCTION OF F", or "REL_REDUCTION_OF_F" in older scipy.
+    message = str(result.message).lower().replace("_", " ")
+    failures = ("abnormal", "precision loss", "line search", "linesearch")
+    failed = not result.success and any(s in message for s in failures)
+    resolution = np.finfo(np.float32).eps * max(map(abs, losses), default=0.0)
+    flat = len(losses) == 2 and abs(losses[0] - losses[1]) <= resolution
+    if failed or ("reduction of f" in message and flat):
+        result.message = (
+            f"{result.message} The model computes in float32, whose loss "
+            "cannot resolve smaller steps, so this is a float32 stall rather "
+            "than convergence; call keras.config.set_floatx('float64') and "
+            "keras.config.set_dtype_policy('float64') before building the model."
+        )
+        _warn(result.message)
+
+
+class ScipyBatchOptimizer(BatchOptimizer):
+    """Trains a model with `scipy.optimize.minimize` on the full data.
+
+    Every method works: gradient methods (`"L-BFGS-B"`, `"BFGS"`, `"CG"`,
+    `"TNC"`, `"SLSQP"`) get the exact gradient; `"Newton-CG"`, `"trust-ncg"`,
+    `"trust-krylov"` and `"trust-constr"` also get exact Hessian-vector
+    products, `"trust-exact"` and `"dogleg"` the dense Hessian (small
+    models), derivative-free methods the loss. `"BFGS"` is scipy's BFGS with
+    an O(n^2) update; `"SSBFGS"` and `"SSBroyden"` are its self-scaled
+    variants (see `METHODS`). The arguments are defaults that `minimize()`
+    and `fit()` may override; their order is kormos 0.1's.
+
+    Example:
+
+    ```python
+    model.compile(loss="mse", optimizer=kormos.ScipyBatchOptimizer(
+        method="L-BFGS-B", options={"gtol": 1e-10}))
+    history = model.fit(x, y, epochs=100)
+    print(model.optimizer.results[-1].message)
+    ```
+
+    Args:
+        name: Name of the optimizer. Defaults to `"scipy"`.
+        method: A method name of `METHODS` in any case, or a custom
+            minimizer `(fun, x0, args, **kwargs) -> OptimizeResult`.
+            Defaults to `"L-BFGS-B"`.
+        epochs: The iteration budget. Defaults to `options["maxiter"]`, else 20.
+        pretrain_fn: `fn(model)`, called before the solver starts.
+        options: Dict for `scipy.optimize.minimize(options=...)`.
+        bounds: A `scipy.optimize.Bounds`, `(low, high)` pairs over the flat
+            vector, or a dict from a variable path (suffix), e.g.
+            `"dense/kernel"`, to `(low, high)`. `NonNeg` constraints add 0.
+        constraints: scipy constraints over the flat vector (SLSQP,
+            trust-constr, COBYLA, COBYQA). tol: As in scipy.
+        max_dense_params: The most weights allowed for methods with dense
+            n x n matrices. Defaults to `None`: BFGS, SSBFGS and SSBroyden
+            take any model whose matrices (2 x 8 n^2 bytes) fit in the
+            memory available; SLSQP, trust-exact and dogleg (O(n^3) work per
+            iteration) take up to 2000 weights.
+        warm_start: With BFGS, SSBFGS or SSBroyden, start each run from the
+            inverse Hessian where the last run of this optimizer ended (in
+            this process; it is not saved), e.g. after resampling the data.
+            Defaults to `False`.
+        **kwargs: `batch_size`, `max_cache_entries`, `dtype`,
+            `max_dataset_bytes`; see `BatchOptimizer`.
+    """
+
+    def __init__(
+        self,
+        name="scipy",
+        method=None,
+        epochs=None,
+        pretrain_fn=None,
+        options=None,
+        bounds=None,
+        constraints=None,
+        tol=None,
+        max_dense_params=None,
+        warm_start=False,
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if method is None and isinstance(name, str) and name.lower() in METHODS:
+            _warn(
+                f"ScipyBatchOptimizer({name!r}) names the optimizer {name!r} and "
+                "runs L-BFGS-B: its first argument is `name`, as in kormos 0.1. "
+                f"Pass method={name!r} to run {name}."
+            )
+        self.method = "l-bfgs-b" if method is None else method
+        self.epochs, self.pretrain_fn, self.options = epochs, pretrain_fn, options
+        self.bounds, self.constraints, self.tol = bounds, constraints, tol
+        _check_positive_int(max_dense_params, "max_dense_params", "or None")
+        self.max_dense_params, self.warm_start = max_dense_params, bool(warm_start)
+        methods = [run.method for run in _plan_runs(self, warn=False)]  # checks them
+        self.method = methods if isinstance(method, (list, tuple)) else methods[0]
+        if warm_start and not set(methods) & set(_QUASI_NEWTON):
+            raise ValueError(
+                "`warm_start=True` carries the inverse Hessian of "
+                f"{', '.join(_QUASI_NEWTON)} from one run to the next; these "
+                f"methods have none. Received: method={self.method!r}"
+            )
+        self._carried = None  # the inverse Hessian a warm start continues from
+
+    def minimize(
+        self,
+        epochs=None,
+        callback=None,
+        pretrain_fn=None,
+        method=None,
+        options=None,
+        bounds=None,
+        constraints=None,
+        tol=None,
+    ):
+        """Runs the solver, or a chain of solvers, from the current weights.
+
+        Arguments left `None` take the optimizer's own. `method`, `epochs`,
+        `options` and `pretrain_fn` may be lists of equal length to chain
+        solvers, each starting where the last one stopped; `results` holds
+        each run's `scipy.optimize.OptimizeResult`. A run stopped by
+        `callback`, a non-finite loss or Ctrl-C ends at its last iterate (a
+        second Ctrl-C raises KeyboardInterrupt at once).
+
+        Args:
+            epochs: The iteration budget, passed as `options["maxiter"]`
+                (kormos counts the iterations of TNC, COBYLA and COBYQA).
+                Given with a different `maxiter`, `epochs` wins, with a
+                warning; if neither is given, the budget is 20.
+            callback: `callback(x) -> bool`, called with each iterate (and
+                the solver's answer, if new); returning `True` stops.
+            pretrain_fn: `fn(model)`, called before the run (e.g. to freeze
+                a layer). method, options, bounds, constraints, tol: As in
+                the constructor.
+
+        Returns:
+            The final weights as a flat float64 vector, as in kormos 0.1.
+
+        Raises:
+            ValueError: For arguments the method cannot take, or a loss that
+                is not finite at the start; before any weight changes.
+        """
+        self._require_built()
+        runs = _plan_runs(self, method, epochs, options, pretrain_fn)
+        self._minimize_runs(runs, _UserCallback(callback), bounds, constraints, tol)
+        return self.get_weights()
+
+    def _plan(self, epochs=None, method=None, options=None, pretrain_fn=None):
+        return _plan_runs(self, method, epochs, options, pretrain_fn)
+
+    def _minimize_runs(self, runs, listener, bounds=None, constraints=None, tol=None):
+        bounds = self.bounds if bounds is None else bounds
+        constraints = self.constraints if constraints is None else constraints
+        tol = self.tol if tol is None else tol
+        names = [_method_name(run.method) for run in runs]
+        for name in names:
+            _check_solver_arguments(name, bounds, constraints)
+            _check_dense_size(name, self._objective.size, self.max_dense_params)
+        # Resolved (and checked) before any weight changes, once per method.
+        boxes = {
+            name: _resolve_bounds(bounds, self._objective.variables, name)
+            for name in dict.fromkeys(names)
+        }
+        self.results, self.iterations, self.fg_evals, self.hessp_evals = [], 0, 0, 0
+        with _INTERRUPTS.deferred():
+            for run, name in zip(runs, names):
+                box = boxes[name]
+                if run.pretrain_fn is not None:
+                    variables = self._objective.variables
+                    run.pretrain_fn(self.model)
+                    if _ids(self.model.trainable_variables) != _ids(variables):
+                        self._bind(self.model, self._data, self._validation_data)
+                        box = _resolve_bounds(bounds, self._objective.variables, name)
+                solver = _SolverRun(self, run, listener)
+                result = solver.solve(box, constraints, tol, self._warm_start())
+                if solver.hess_inv is not None and self.warm_start:
+                    self._carried = result.hess_inv
+                self.results.append(result)
+                self.iterations += result.nit
+                if result.status in _STOPPED_EARLY:
+                    break
+
+    def _warm_start(self):
+        """Returns the inverse Hessian a run continues from, or None."""
+        carried, n = self._carried if self.warm_start else None, self._objective.size
+        if carried is not None and len(carried) != n:
+            _warn(
+                f"warm_start: the model has {n} trainable weights, the inverse "
+                f"Hessian carried from the last run {len(carried)}; this run "
+                "starts from the identity."
+            )
+            carried = self._carried = None
+        return carried
+
+    def get_config(self):
+        """Returns the constructor arguments except `constraints` and
+        `pretrain_fn` (functions; saving a model warns about them). A custom
+        minimizer is saved by its registered Keras name: decorate it with
+        `keras.saving.register_keras_serializable()` or pass it in
+        `custom_objects` when loading."""
+        method = self.method
+        if callable(method):
+            method = keras.saving.serialize_keras_object(method)
+        return {
+            **super().get_config(),
+            "method": method,
+            "epochs": self.epochs,
+            "options": self.options,
+            "bounds": _bounds_config(self.bounds),
+            "tol": self.tol,
+            "max_dense_params": self.max_dense_params,
+            "warm_start": self.warm_start,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        """Creates an optimizer from `get_config()` output."""
+        config = {**config, "bounds": _bounds_from(config.get("bounds"))}
+        method = config.get("method")
+        if isinstance(method, dict):
+            try:
+                config["method"] = keras.saving.deserialize_keras_object(method)
+            except (TypeError, ValueError) as e:
+                name = method.get("config")
+                raise TypeError(
+                    f"Cannot find the custom minimizer {name!r} of this "
+                    "ScipyBatchOptimizer. Decorate it with "
+                    "`@keras.saving.register_keras_serializable()` or pass "
+                    f"`custom_objects={{{name!r}: {name}}}` to `load_model`."
+                ) from e
+        return cls(**config)
+
+    def _unsaved(self):
+        """The settings that `get_config` cannot hold: functions."""
+        return [k for k in ("constraints", "pretrain_fn") if getattr(self, k)]
 
 
 ###############################################################################
@@ -1911,16 +2406,17 @@ class _FitLoop:
 
     Keras' own fit loop (keras/src/backend/tensorflow/trainer.py) with one
     solver iteration as one epoch. scipy drives the iterations, so the loop
-    body, `end_iteration`, is the solver's callback; `run` handles stopping,
-    `BackupAndRestore`'s resumed epoch, Ctrl-C and exceptions. Whenever
-    `fit()` returns or raises, the model holds the weights of the last
-    History row (or the starting weights).
+    is the solver runs' listener: `begin_iteration` before an iteration's
+    first evaluation, `end_iteration` after it. `run` plans the epochs once,
+    `BackupAndRestore`'s resume included, and handles stopping, Ctrl-C and
+    exceptions. Whenever `fit()` returns or raises, the model holds the
+    weights of the last History row (or the starting weights).
     """
 
-    def __init__(self, model, callbacks, history, validation, validation_freq):
+    def __init__(self, model, callbacks, history, validate, validation_freq):
         self.model, self.optimizer = model, model.optimizer
         self.callbacks, self.history = callbacks, history
-        self.validation, self.validation_freq = validation, validation_freq
+        self.validate, self.validation_freq = validate, validation_freq
         self.epoch, self.logs = 0, None
         # The weights after each of the last two History rows, by row count.
         self.row_weights = {}
@@ -1930,68 +2426,53 @@ class _FitLoop:
         model.stop_training = False
         self.callbacks.on_train_begin()
         self.epoch = _resumed_epoch(model, initial_epoch)
-        runs = _skip_iterations(runs, self.epoch - initial_epoch)
         self.row_weights = {0: optimizer.get_weights()}
         try:
-            if runs and not _INTERRUPTS.requested:
-                optimizer.minimize(
-                    callback=self.end_iteration,
-                    **_minimize_arguments(optimizer, runs, solver_kwargs),
-                )
+            if not _INTERRUPTS.requested:
+                runs = _skip_iterations(runs, self.epoch)
+                optimizer._minimize_runs(runs, self, **solver_kwargs)
         finally:
-            rows = len(self.history.epoch)
-            if rows in self.row_weights:
-                optimizer.set_weights(self.row_weights[rows])
+            weights = self.row_weights.get(len(self.history.epoch))
+            if weights is not None and len(weights) == len(optimizer.get_weights()):
+                optimizer.set_weights(weights)
         self.callbacks.on_train_end(logs=self.logs)
         return self.history
 
-    def end_iteration(self, x):
-        """Logs one solver iteration as one epoch; returns True to stop."""
-        model, optimizer, epoch = self.model, self.optimizer, self.epoch
-        optimizer.set_weights(x)  # callbacks see the model at this iterate
-        loss, gradient = optimizer.func_and_grad(x)
-        logs = {"loss": loss, "grad": float(np.linalg.norm(gradient))}
-        logs.update(fg_evals=optimizer.fg_evals, hessp_evals=optimizer.hessp_evals)
-        logs.update(optimizer.metrics_at(x))
-        self.callbacks.on_epoch_begin(epoch)
+    def begin_iteration(self):
+        self.callbacks.on_epoch_begin(self.epoch)
         self.callbacks.on_train_batch_begin(0)
+
+    def end_iteration(self, iterate):
+        """Logs one solver iteration as one epoch; returns True to stop."""
+        self.optimizer.set_weights(iterate.x)  # callbacks see the model there
+        logs = {
+            "loss": iterate.fun,
+            "grad": float(np.linalg.norm(iterate.jac)),
+            "fg_evals": iterate.nfev,
+            "hessp_evals": iterate.nhev,
+            **iterate.metrics,
+        }
         self.callbacks.on_train_batch_end(0, dict(logs))
-        if self.validation is not None and _should_validate(
-            epoch, self.validation_freq
+        if self.validate is not None and _should_validate(
+            self.epoch, self.validation_freq
         ):
-            logs.update(self._validate())
+            logs.update(self._validation_logs())
         rows = len(self.history.epoch)
-        self.row_weights = {rows: self.row_weights[rows], rows + 1: x}
-        self.callbacks.on_epoch_end(epoch, logs)
+        self.row_weights = {rows: self.row_weights[rows], rows + 1: iterate.x}
+        self.callbacks.on_epoch_end(self.epoch, logs)
         self.logs = logs
         self.epoch += 1
-        return bool(model.stop_training)
+        return bool(self.model.stop_training)
 
-    def _validate(self):
-        results = self.model.evaluate(
-            **self.validation.evaluate_arguments(), callbacks=self.callbacks,
-            verbose=0, return_dict=True,
-        )
-        return {f"val_{k}": float(v) for k, v in results.items()}
-
-
-def _minimize_arguments(optimizer, runs, solver_kwargs):
-    """Returns the `minimize()` arguments of a fit's (remaining) runs.
-
-    A `ScipyBatchOptimizer` gets the chain as lists; another `BatchOptimizer`
-    gets the total budget and the solver arguments given to `fit()`.
-    """
-    if not isinstance(optimizer, ScipyBatchOptimizer):
-        given = {k: v for k, v in solver_kwargs.items() if v is not None}
-        budget = sum(run.budget for run in runs)
-        return {"epochs": budget, "pretrain_fn": runs[0].pretrain_fn, **given}
-    return {
-        "epochs": [run.budget for run in runs],
-        "pretrain_fn": [run.pretrain_fn for run in runs],
-        "method": [run.method for run in runs],
-        "options": [run.options for run in runs],  # `epochs` wins over maxiter
-        **solver_kwargs,
-    }
+    def _validation_logs(self):
+        """The validation loss and metrics, with the callbacks Keras' own
+        `evaluate()` inside `fit()` calls (one batch: the whole pass)."""
+        self.callbacks.on_test_begin()
+        self.callbacks.on_test_batch_begin(0)
+        logs = self.validate()
+        self.callbacks.on_test_batch_end(0, dict(logs))
+        self.callbacks.on_test_end(dict(logs))
+        return {f"val_{k}": v for k, v in logs.items()}
 
 
 def _resumed_epoch(model, initial_epoch):
@@ -2004,16 +2485,6 @@ def _resumed_epoch(model, initial_epoch):
     return getattr(model, "_initial_epoch", None) or initial_epoch
 
 
-def _skip_iterations(runs, done):
-    """Returns `runs` without their first `done` iterations (for a resume)."""
-    remaining = []
-    for run in runs:
-        if done < run.budget:
-            remaining.append(run.after(done))
-        done = max(0, done - run.budget)
-    return remaining
-
-
 def _should_validate(epoch, validation_freq):
     """Keras' rule: validate after (1-indexed) epochs that `validation_freq` picks."""
     if isinstance(validation_freq, int) and validation_freq > 0:
@@ -2023,20 +2494,6 @@ def _should_validate(epoch, validation_freq):
     raise ValueError(
         "`validation_freq` must be a positive int or a list of epochs. "
         f"Received: validation_freq={validation_freq!r}"
-    )
-
-
-def _aligned(model, data):
-    """Returns validation `data` with targets aligned to the model's outputs."""
-    x, y, _ = data.first_batch()
-    if y is None:
-        return data
-    y_pred = model(x, training=False)
-    if data.tensors is not None:
-        dx, dy, dsw = data.tensors
-        return _Data((dx, _align_targets(dy, y_pred), dsw), data.batch_size)
-    return _Data(
-        dataset=data.dataset.map(lambda a, b, c: (a, _align_targets(b, y_pred), c))
     )
 
 
@@ -2108,11 +2565,19 @@ class _Progress(keras.callbacks.Callback):
         if self._bar is not None and self._seen < self.epochs:  # stopped early
             self._bar.target = max(self._seen, 1)
             self._bar.update(self._bar.target, list(self._logs.items()), finalize=True)
+        results = getattr(self.model.optimizer, "results", None)
+        if results:  # why the solver stopped, and the gradient gtol tests
+            result, largest = results[-1], ""
+            if result.get("jac") is not None:
+                largest = f" (largest gradient entry: {np.abs(result.jac).max():.2e})"
+            print(f"{self._seen} iterations: {result.message}{largest}", flush=True)
 
 
 def _format_log(value):
     """Formats a log value as Keras' progress bar does."""
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+
+
 
 
 ###############################################################################
@@ -2169,7 +2634,8 @@ class _BatchOptimizedMixin:
         `model.fit` is this method when the model is compiled with a batch
         optimizer. The arguments shared with `keras.Model.fit` mean what they
         mean there, with one solver iteration as one epoch (`shuffle` has no
-        effect).
+        effect). The solver minimizes `compute_loss` (with `add_loss` terms);
+        a `train_step` of the model's own is never called.
 
         Example:
 
@@ -2190,9 +2656,12 @@ class _BatchOptimizedMixin:
             batch_size: Rows per mini-batch of an evaluation: it bounds
                 memory, not the loss. Defaults to the optimizer's (`None`:
                 all rows at once).
-            epochs: The iteration budget (scipy's `maxiter`), or a list of
-                budgets to chain solvers. Defaults to `options["maxiter"]`
-                if given, else 20.
+            epochs: The index of the last epoch, as in Keras: the iteration
+                budget (scipy's `maxiter`) of a fit from epoch 0. A list of
+                budgets chains solvers, and the epochs count through the
+                chain. Defaults to `options["maxiter"]` if given, else 20.
+            initial_epoch: The epoch to start from: the first
+                `initial_epoch` iterations of the chain count as done.
             method, options, bounds, constraints, tol, pretrain_fn: Override
                 the optimizer's settings for this fit (see
                 `ScipyBatchOptimizer`); lists of equal length chain solvers,
@@ -2200,8 +2669,10 @@ class _BatchOptimizedMixin:
 
         Returns:
             A `keras.callbacks.History` with one row per solver iteration:
-            `loss`, `grad` (gradient 2-norm), `fg_evals`, `hessp_evals`, the
-            compiled metrics on the training data and `val_*` entries.
+            `loss`, `grad` (the gradient's 2-norm, as in kormos 0.1; `gtol`
+            tests its largest entry for L-BFGS-B, BFGS and CG, which the
+            log's last line shows), `fg_evals`, `hessp_evals`, the compiled
+            metrics on the training data and `val_*` entries.
 
         Raises:
             ValueError: For bad data or bad solver arguments, before any
@@ -2213,22 +2684,17 @@ class _BatchOptimizedMixin:
                 "`fit_batch()` needs a model compiled with a batch optimizer, "
                 "e.g. `model.compile(loss='mse', optimizer='l-bfgs-b')`."
             )
+        if "train_step" in vars(self) or type(self).train_step is not (
+            keras.Model.train_step
+        ):
+            _warn(
+                "This model overrides `train_step`, which a full-batch solver "
+                "never calls: kormos minimizes `compute_loss` (and `add_loss` "
+                "terms) over all the rows. Move extra loss terms into "
+                "`compute_loss` to have them minimized."
+            )
         with _INTERRUPTS.deferred():
-            solver_kwargs = {"bounds": bounds, "constraints": constraints, "tol": tol}
-            if isinstance(optimizer, ScipyBatchOptimizer):
-                runs = _plan_runs(optimizer, method, epochs, options, pretrain_fn, True)
-            else:  # the optimizer's own minimize() reads method and options
-                solver_kwargs.update(method=method, options=options)
-                budget = _iteration_budget(epochs, {}, "l-bfgs-b", False)
-                runs = [_Run("l-bfgs-b", budget, {}, pretrain_fn)]
-            if len(runs) == 1 and not isinstance(epochs, (list, tuple)):
-                if runs[0].budget <= initial_epoch:
-                    raise ValueError(
-                        "`epochs` must be greater than `initial_epoch`: it is "
-                        "the index of the last epoch, as in Keras. Received: "
-                        f"epochs={runs[0].budget}, initial_epoch={initial_epoch}"
-                    )
-                runs[0] = runs[0].after(initial_epoch)
+            runs = optimizer._plan(epochs, method, options, pretrain_fn)
             if validation_split and validation_data is None:
                 (x, y, sample_weight), validation_data = _split_validation(
                     x, y, sample_weight, validation_split
@@ -2236,17 +2702,17 @@ class _BatchOptimizedMixin:
             optimizer.build(
                 self, x, y, sample_weight, batch_size, class_weight, steps_per_epoch
             )
-            validation = None if validation_data is None else _aligned(
-                self,
-                _make_validation(
+            validate = None
+            if validation_data is not None:
+                validate = optimizer._validation(_make_validation(
                     self, validation_data, validation_batch_size or batch_size,
                     validation_steps, optimizer.max_dataset_bytes,
-                ),
-            )
+                ))
             verbose = 1 if verbose == "auto" else verbose
-            last_epoch = initial_epoch + sum(run.budget for run in runs)
+            last_epoch = sum(run.budget for run in runs)
             callbacks, history = _make_callbacks(self, callbacks, verbose, last_epoch)
-            loop = _FitLoop(self, callbacks, history, validation, validation_freq)
+            loop = _FitLoop(self, callbacks, history, validate, validation_freq)
+            solver_kwargs = {"bounds": bounds, "constraints": constraints, "tol": tol}
             return loop.run(runs, initial_epoch, solver_kwargs)
 
     def train_on_batch(self, *args, **kwargs):

@@ -109,12 +109,60 @@ def _parse_args(argv=None):
         help="directory holding the kormos.py to benchmark "
         "(default: the repository root)",
     )
+    p.add_argument(
+        "--ablate",
+        choices=sorted(ABLATIONS),
+        default=None,
+        help="turn off one of kormos' speed-only mechanisms in the benchmark's "
+        "copy (compare the report's ratios with a run without it)",
+    )
     # Internal: the child process measuring the large fit's peak memory.
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     # Internal: the child process timing the PINN with a given CPU allocator.
     p.add_argument("--pinn-child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
+
+def _without_held_point(k):
+    """set_weights always assigns, as if no evaluation had left the weights."""
+    set_weights = k.BatchOptimizer.set_weights
+
+    def assigning(self, x):
+        self._holds = None
+        return set_weights(self, x)
+
+    k.BatchOptimizer.set_weights = assigning
+
+
+def _without_first_element_test(k):
+    """The cache compares whole vectors, not the first element first."""
+
+    def cached(self, x):
+        for entry in reversed(self._cache):
+            if entry[0] is x or np.array_equal(entry[0], x):
+                return entry
+        return None
+
+    k.BatchOptimizer._cached = cached
+
+
+def _without_whole_xla(k):
+    """An XLA pass over one batch compiles only the batch terms."""
+    function = k._Objective._function
+    k._Objective._function = lambda self, kind, whole: function(self, kind, False)
+
+
+# Speed-only mechanisms of kormos.py that `--ablate NAME` turns off, each a
+# function that patches the benchmark's copy of the module.
+ABLATIONS = {
+    "held-point": _without_held_point,
+    "concrete-functions": lambda k: setattr(k, "_concrete", lambda fn, args: fn),
+    "first-element": _without_first_element_test,
+    "whole-xla": _without_whole_xla,
+    "blas-limit": lambda k: setattr(
+        k, "_solver_blas_threads", lambda method: contextlib.nullcontext()
+    ),
+}
 
 # The interleaved problems (one table), then the sections, in running order.
 INTERLEAVED_PROBLEMS = ("linreg", "logreg", "mlp32", "mlp64", "mf")
@@ -178,6 +226,9 @@ def _snapshot_kormos():
 KORMOS_COPY = _snapshot_kormos()
 sys.path.insert(0, KORMOS_COPY)
 import kormos  # noqa: E402
+
+if ARGS.ablate:
+    ABLATIONS[ARGS.ablate](kormos)
 
 torch = None
 TORCH_MESSAGE = "torch: skipped (--no-torch)"
@@ -2871,6 +2922,8 @@ def report(results, blas, elapsed, sections=()):
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
     w(f"- {ROUNDS} interleaved rounds, medians over rounds; whole run {elapsed:.0f}s")
+    if ARGS.ablate:
+        w(f"- ablated (turned off in the benchmark's copy of kormos): {ARGS.ablate}")
     if sections:
         w(
             "- sections: "
