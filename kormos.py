@@ -54,6 +54,14 @@ if np.lib.NumpyVersion(keras.version()) < "3.12.0":
         "kormos requires Keras >= 3.12 (it comes with TensorFlow >= 2.16; "
         f"`pip install -U keras`). Found keras=={keras.version()}."
     )
+if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes"):
+    warnings.warn(
+        "TF_USE_LEGACY_KERAS is set, so `tf.keras` (`from tensorflow import "
+        "keras`) is Keras 2 or fails to import, but kormos models are Keras 3 "
+        "models: build them with `import keras`, whose layers cannot be mixed "
+        "with tf.keras ones. Unset TF_USE_LEGACY_KERAS to make tf.keras Keras 3.",
+        stacklevel=2,
+    )
 if keras.config.backend() != "tensorflow":
     raise ImportError(
         "kormos runs on Keras' TensorFlow backend, but this process uses the "
@@ -508,16 +516,16 @@ def _is_batch_source(x):
 
 
 def _to_tensors(data, name, dtype):
-    """Converts a nest of array-likes to tensors, casting floats to `dtype`."""
+    """Converts a nest of array-likes to tensors, casting floats to `dtype`;
+    inputs may hold strings, for a model that encodes them itself."""
 
     def convert(leaf):
-        array = leaf.to_numpy() if hasattr(leaf, "to_numpy") else leaf  # pandas
-        array = array if tf.is_tensor(array) else np.asarray(array)
+        array = _as_array(leaf)
         kind = array.dtype.name if tf.is_tensor(array) else array.dtype.kind
-        if kind in ("string", "O", "U", "S"):
+        if name in ("y", "sample_weight") and kind in ("string", "O", "U", "S"):
             raise ValueError(
                 f"`{name}` must hold numbers; strings and objects cannot be "
-                "fed to a model. Encode them first (e.g. with "
+                "a target or a weight. Encode them first (e.g. with "
                 f"keras.layers.StringLookup). Received: {name} of dtype "
                 f"{array.dtype}"
             )
@@ -537,6 +545,15 @@ def _to_tensors(data, name, dtype):
             f"{name} of type {type(data).__name__}"
         )
     return convert(data)
+
+
+def _as_array(leaf):
+    """Returns a tensor as it is, anything else as a numpy array; a pandas
+    Series becomes one column, as in Keras."""
+    if tf.is_tensor(leaf):
+        return leaf
+    leaf = leaf.to_frame() if hasattr(leaf, "to_frame") else leaf  # a Series
+    return np.asarray(leaf.to_numpy() if hasattr(leaf, "to_numpy") else leaf)
 
 
 def _check_lengths(x, y, sample_weight):
@@ -710,9 +727,7 @@ def _split_validation(x, y, sample_weight, validation_split):
             "`validation_split` is only supported for arrays and tensors, not "
             f"for a {type(x).__name__}. Pass `validation_data` instead."
         )
-    arrays = _map_tensors(
-        lambda t: t if tf.is_tensor(t) else np.asarray(t), (x, y, sample_weight)
-    )
+    arrays = _map_tensors(_as_array, (x, y, sample_weight))
     size = len(tf.nest.flatten(arrays[0])[0])
     split = int(math.floor(size * (1.0 - validation_split)))
     if split in (0, size):
@@ -866,17 +881,27 @@ class _Objective:
         if kind in self._calls:
             return self._calls[kind](*args)
         function, plain = self._function(kind, data.num_batches == 1)
+
+        def first_call(function):
+            if not self.distributed:
+                return _concrete(function, args)(*args)
+            # Replicas can create Keras' metric variables when tf.function's
+            # own call traces (not in get_concrete_function); iterating a
+            # distributed dataset there, tf.data warns about its options,
+            # which kormos does not use.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "To make it possible to preserve")
+                return function(*args)
+
         try:
-            # The first call traces, through tf.function's own call: only
-            # there can a replica create Keras' metric variables.
-            result = function(*args)
+            result = first_call(function)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
             # XLA rejects some ops (e.g. tf.numpy_function) only when it
             # compiles, at the first call: use the plain graph from now on.
             if plain is None:
                 raise
             self.fell_back, function = True, plain
-            result = function(*args)
+            result = first_call(function)
         self._calls[kind] = _concrete(function, args)
         return result
 
@@ -1221,23 +1246,30 @@ def _build_model(model, data):
         tf.function(lambda x: model(x, training=False)).get_concrete_function(specs)
 
 
-def _xla_choice(model, jit_compile):
+def _xla_choice(model, jit_compile, data):
     """Returns `(xla, optional)`: compile with XLA, and may kormos fall back.
 
     `jit_compile=True` asks for XLA and `False` forbids it. Under `"auto"`,
     Keras uses XLA on GPUs (where every layer supports it) and never on CPUs;
     kormos also uses it on CPUs for models with an `Embedding` layer, whose
     gathers and scatters XLA fuses into the rest of the pass ("mf" row of
-    benchmarks/bench.py), with a fall-back to a plain graph. The choice
-    depends only on the model.
+    benchmarks/bench.py), with a fall-back to a plain graph. A layer with
+    `supports_jit=False` or string inputs (which crash XLA's compiler rather
+    than fail) rule XLA out, under `True` with Keras' warning.
     """
-    if jit_compile is True:
-        return True, False
     if jit_compile is False or model.run_eagerly:
         return False, False
     layers = _all_layers(model)
-    if not all(getattr(layer, "supports_jit", True) for layer in layers):
+    strings = any(s.dtype == tf.string for s in tf.nest.flatten(data.input_spec()))
+    if strings or not all(getattr(layer, "supports_jit", True) for layer in layers):
+        if jit_compile is True:
+            _warn(
+                "This model (or its string inputs) cannot be compiled with XLA: "
+                "proceeding with `jit_compile=False`, as Keras does."
+            )
         return False, False
+    if jit_compile is True:
+        return True, False
     if model.jit_compile is True:  # Keras' own "auto" chose XLA (a GPU)
         return True, True
     if model.distribute_strategy.num_replicas_in_sync > 1:
@@ -1411,7 +1443,7 @@ class BatchOptimizer:
         if objective is None or objective.model is not model or _ids(
             objective.variables
         ) != _ids(model.trainable_variables):
-            objective = _Objective(model, *_xla_choice(model, self._jit_compile))
+            objective = _Objective(model, *_xla_choice(model, self._jit_compile, data))
         objective.bind(data, validation)
         self.model, self._objective, self._cache = model, objective, []
         self._data, self._validation_data = data, validation
@@ -1652,7 +1684,7 @@ def _resolve_bounds(bounds, variables, method):
 
 def _user_bounds(bounds, variables, offsets):
     """Converts the user's `bounds` to (lower, upper) flat arrays."""
-    n = offsets[-1]
+    n = int(offsets[-1])
     if isinstance(bounds, scipy.optimize.Bounds):
         return tuple(
             _broadcast(b, (n,), f"`bounds.{side}` (one entry per weight)")
@@ -2350,10 +2382,6 @@ class ScipyBatchOptimizer(BatchOptimizer):
                 ) from e
         return cls(**config)
 
-    def _unsaved(self):
-        """The settings that `get_config` cannot hold: functions."""
-        return [k for k in ("constraints", "pretrain_fn") if getattr(self, k)]
-
 
 ###############################################################################
 # Identifiers #################################################################
@@ -2728,6 +2756,13 @@ class _BatchOptimizedMixin:
 
     def get_compile_config(self):
         config = super().get_compile_config()
+        unsaved = [k for k in ("constraints", "pretrain_fn")
+                   if getattr(self.optimizer, k, None) is not None]
+        if config is not None and unsaved:  # model.save() asks for this
+            _warn(
+                f"The optimizer's {' and '.join(unsaved)} cannot be saved (they "
+                "hold functions): pass them to `fit()` again after loading."
+            )
         if config is not None and isinstance(self.optimizer, BatchOptimizer):
             config["optimizer"] = keras.saving.serialize_keras_object(self.optimizer)
             config["jit_compile"] = self.optimizer.jit_compile

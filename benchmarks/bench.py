@@ -137,13 +137,13 @@ def _without_held_point(k):
 def _without_first_element_test(k):
     """The cache compares whole vectors, not the first element first."""
 
-    def cached(self, x):
-        for entry in reversed(self._cache):
-            if entry[0] is x or np.array_equal(entry[0], x):
-                return entry
+    def remembered(self, x):
+        for found in reversed(self._cache):
+            if found.x is x or np.array_equal(found.x, x):
+                return found
         return None
 
-    k.BatchOptimizer._cached = cached
+    k.BatchOptimizer._remembered = remembered
 
 
 def _without_whole_xla(k):
@@ -166,7 +166,7 @@ ABLATIONS = {
 
 # The interleaved problems (one table), then the sections, in running order.
 INTERLEAVED_PROBLEMS = ("linreg", "logreg", "mlp32", "mlp64", "mf")
-SECTION_PROBLEMS = ("large", "dataset", "sklearn", "pinn")
+SECTION_PROBLEMS = ("large", "dataset", "sklearn", "pinn", "qn")
 ALL_PROBLEMS = INTERLEAVED_PROBLEMS + SECTION_PROBLEMS
 QUICK_SKIPS = ("pinn",)  # full mode only unless named in --problems
 
@@ -2698,6 +2698,217 @@ def _report_pinn(s, problem, evals, fits, budget, torch_threads, allocators):
     )
 
 
+###############################################################################
+# Dense quasi-Newton methods: solver cost, PINN error against time ###########
+###############################################################################
+
+QN_METHODS = ("l-bfgs-b", "bfgs", "ssbfgs", "ssbroyden")
+
+
+def _quadratic(n, seed=0):
+    """A convex objective that costs O(n) per evaluation: what is left of a
+    run's time is the solver's own."""
+    rng = np.random.default_rng(seed)
+    d = np.exp(rng.uniform(-2, 2, n))
+    b = rng.normal(size=n)
+
+    def fg(x):
+        r = d * x - b
+        return 0.5 * float(x @ r) + 0.05 * float(np.sum(np.log(np.cosh(x)))), (
+            r + 0.05 * np.tanh(x)
+        )
+
+    return fg, rng.normal(size=n)
+
+
+def solver_cost(method, n, iters):
+    """ms per iteration of `method` alone on `_quadratic(n)` (1 BLAS thread,
+    as kormos runs it): the run's wall time less the objective's."""
+    fg, x0 = _quadratic(n)
+    spent = [0.0]
+
+    def timed(x):
+        t0 = time.perf_counter()
+        value = fg(x)
+        spent[0] += time.perf_counter() - t0
+        return value
+
+    if method in ("bfgs", "ssbfgs", "ssbroyden"):
+        how = functools.partial(kormos._minimize_quasi_newton, update=method)
+    else:
+        how = {"scipy-bfgs": "BFGS", "l-bfgs-b": "L-BFGS-B"}[method]
+    with blas_limit(1):
+        t0 = time.perf_counter()
+        result = scipy.optimize.minimize(
+            timed, x0, jac=True, method=how, options={"maxiter": iters, "gtol": 0}
+        )
+        wall = time.perf_counter() - t0
+    return 1e3 * (wall - spent[0]) / max(result.nit, 1)
+
+
+def _poisson_model():
+    class Poisson(kormos.BatchOptimizedSequentialModel):
+        """u'' = -4 pi^2 sin(2 pi x) on [-1, 1], u(+-1) = 0 (the issue's PINN)."""
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                         training=True):
+            x = tf.convert_to_tensor(x)
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    u = self(x)
+                du = inner.gradient(u, x)
+            r = outer.gradient(du, x) + 4 * np.pi**2 * tf.sin(2 * np.pi * x)
+            ends = self(tf.constant([[-1.0], [1.0]], x.dtype))
+            return tf.reduce_mean(r**2) + tf.reduce_mean(ends**2)
+
+    keras.utils.set_random_seed(0)
+    return Poisson([keras.Input((1,)), keras.layers.Dense(20, activation="tanh"),
+                    keras.layers.Dense(20, activation="tanh"), keras.layers.Dense(1)])
+
+
+class _ErrorTrace(keras.callbacks.Callback):
+    """(iteration, seconds, relative L2 error) every `every` iterations."""
+
+    def __init__(self, x, exact, every, seconds=None):
+        super().__init__()
+        self.x, self.exact, self.every, self.seconds = x, exact, every, seconds
+        self.rows = []
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self.start
+        if (epoch + 1) % self.every == 0 or epoch == 0:
+            u = self.model(self.x).numpy()
+            error = np.linalg.norm(u - self.exact) / np.linalg.norm(self.exact)
+            self.rows.append((epoch + 1, elapsed, error))
+        if self.seconds is not None and elapsed > self.seconds:
+            self.model.stop_training = True
+
+
+def poisson_race(iters):
+    """Each method from the same start for `iters` iterations (gtol 0)."""
+    x = np.linspace(-1, 1, 200)[:, None]
+    exact = np.sin(2 * np.pi * x)
+    traces = {}
+    with floatx("float64"):
+        for method in QN_METHODS:
+            model = _poisson_model()
+            model.compile(optimizer=method)
+            trace = _ErrorTrace(x, exact, max(iters // 15, 1))
+            model.fit(x, epochs=iters, verbose=0, callbacks=[trace],
+                      options={"gtol": 0.0})
+            traces[method] = trace.rows
+    return traces
+
+
+def burgers_race(seconds):
+    """Raissi's Burgers setup (examples/burgers_pinn.py), each method from the
+    same start for `seconds` of wall time."""
+    problem = Burgers()
+    spec = importlib.util.spec_from_file_location("burgers_pinn", BURGERS_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    _, _, _, grid, u_grid = example.make_problem(10)
+    traces = {}
+    with floatx("float64"):
+        for method in QN_METHODS:
+            model = problem.keras_model("float64", "auto", optimizer=method)
+            trace = _ErrorTrace(grid, u_grid, 250, seconds)
+            options = {"gtol": 0.0}
+            if method == "l-bfgs-b":
+                options.update(maxcor=50, maxls=50, maxfun=10**6,
+                               ftol=np.finfo(float).eps)
+            model.fit(problem.tx_f, epochs=10**6, verbose=0, callbacks=[trace],
+                      options=options)
+            traces[method] = trace.rows
+    return traces
+
+
+def burgers_evaluation_ms():
+    """ms of one float64 loss-and-gradient evaluation of the Burgers PINN."""
+    problem = Burgers()
+    with floatx("float64"):
+        model = problem.keras_model("float64", "auto", optimizer="bfgs")
+        opt = model.optimizer.build(model, problem.tx_f)
+        x0 = opt.get_weights()
+        opt.func_and_grad(x0)
+        times = []
+        for k in range(1, 8):
+            t0 = time.perf_counter()
+            opt.func_and_grad(x0 + k * 1e-9)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times), x0.size
+
+
+def run_qn():
+    s = Section("qn", "Dense quasi-Newton methods: BFGS, SSBFGS, SSBroyden")
+    sizes = (481, 1341, 3021) if QUICK else (481, 1341, 3021, 10_000)
+    log("quasi-Newton: solver cost per iteration ...")
+    cost = {}
+    for n in sizes:
+        iters = 20 if n <= 3021 else 5
+        for method in ("l-bfgs-b", "bfgs", "ssbfgs", "ssbroyden", "scipy-bfgs"):
+            if method == "scipy-bfgs" and n > 3021:
+                continue  # about 30 s per iteration
+            runs = [solver_cost(method, n, 3 if method == "scipy-bfgs" else iters)
+                    for _ in range(ROUNDS)]
+            cost[method, n] = statistics.median(runs)
+    evaluation_ms, n_burgers = burgers_evaluation_ms()
+    log("quasi-Newton: Poisson PINN race ...")
+    poisson = poisson_race(500 if QUICK else 1500)
+    burgers = None if QUICK else burgers_race(180.0)
+    _report_qn(s, sizes, cost, evaluation_ms, n_burgers, poisson, burgers)
+    return s
+
+
+def _report_qn(s, sizes, cost, evaluation_ms, n_burgers, poisson, burgers):
+    s.w(
+        "Solver cost per iteration, ms (median of the rounds): each method alone "
+        "on a convex objective that costs O(n) (its time subtracted), 1 BLAS "
+        "thread as kormos runs it. bfgs, ssbfgs, ssbroyden: kormos' O(n^2) "
+        "updates; scipy BFGS: scipy's O(n^3) update (3 iterations; not run at "
+        "n = 10,000)."
+    )
+    s.w("")
+    names = ("l-bfgs-b", "bfgs", "ssbfgs", "ssbroyden", "scipy-bfgs")
+    s.table(["n", *names], [
+        [f"{n:,}", *(fmt(cost.get((m, n))) if (m, n) in cost else "-" for m in names)]
+        for n in sizes
+    ])
+    s.w("")
+    share = max(cost["ssbroyden", 3021], cost["bfgs", 3021]) / evaluation_ms
+    s.w(
+        f"One float64 evaluation of the Burgers PINN ({n_burgers:,} weights, 10,100 "
+        f"points): {evaluation_ms:.0f} ms; the dense update at n = 3,021 costs "
+        f"{100 * share:.0f}% of it; scipy's BFGS "
+        f"{cost['scipy-bfgs', 3021] / evaluation_ms:.1f} evaluations."
+    )
+    s.target("dense update at n = 3,021 <= 20% of a Burgers evaluation", "qn",
+             f"{100 * share:.0f}%", share <= 0.2)
+    speedup = cost["scipy-bfgs", 3021] / cost["bfgs", 3021]
+    s.target("bfgs per iteration <= 1/10 of scipy's BFGS at n = 3,021", "qn",
+             f"{speedup:.0f}x faster", speedup >= 10)
+    for title, traces in (("Poisson PINN (481 weights, 200 points, float64)", poisson),
+                          ("Burgers PINN, Raissi's setup (3,021 weights, 10,100 "
+                           "points, float64)", burgers)):
+        if traces is None:
+            continue
+        s.w("")
+        s.w(f"{title}: relative L2 error against iterations and wall time, "
+            "every method from the same start (gtol 0).")
+        s.w("")
+        s.table(["method", "iterations", "seconds", "error at the end", "lowest error"],
+                [[m, rows[-1][0], f"{rows[-1][1]:.1f}", f"{rows[-1][2]:.2e}",
+                  f"{min(r[2] for r in rows):.2e}"] for m, rows in traces.items()])
+    ratio = poisson["l-bfgs-b"][-1][2] / max(poisson["ssbroyden"][-1][2], 1e-300)
+    s.target("Poisson: SSBroyden error 10x below L-BFGS-B's at equal iterations",
+             "qn", f"{ratio:.0f}x", ratio >= 10)
+
+
 def blas_threads_check(n=51_670, iters=None):
     """Does the BLAS thread limit matter for the L-BFGS-B solver itself?"""
     iters = iters or (60 if QUICK else 600)
@@ -2840,6 +3051,7 @@ def main():
         "dataset": run_datasets,
         "sklearn": run_sklearn,
         "pinn": run_pinn,
+        "qn": run_qn,
     }
     if ARGS.problems is None:
         chosen = [p for p in ALL_PROBLEMS if not (QUICK and p in QUICK_SKIPS)]
