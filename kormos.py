@@ -11,7 +11,7 @@ Single-file library: copy kormos.py into your project, or pip install it.
 Needs Keras 3 on its TensorFlow backend. License: MIT (see LICENSE).
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = [
     # Models
     "BatchOptimizedModel",
@@ -169,11 +169,8 @@ def _ssbroyden_scaling(a, b, h, n):
     return tau, (1.0 - theta) / (1.0 + a * theta)
 
 
-_SCALINGS = {
-    "bfgs": _bfgs_scaling,
-    "ssbfgs": _ssbfgs_scaling,
-    "ssbroyden": _ssbroyden_scaling,
-}
+_SCALINGS = {"bfgs": _bfgs_scaling, "ssbfgs": _ssbfgs_scaling,
+             "ssbroyden": _ssbroyden_scaling}
 
 
 class _InverseHessian:
@@ -258,7 +255,7 @@ def _minimize_quasi_newton(
     fval, g = f(x), grad(x)
     old_fval = fval + np.linalg.norm(g) / 2  # a first step of about 1
     hg, k, status, iterates = hess_inv.times(g), 0, 0, [x]
-    while _vecnorm(g, norm) > gtol and k < maxiter:
+    while np.linalg.norm(g, norm) > gtol and k < maxiter:  # scipy's `vecnorm`
         p = -hg
         step = _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2)
         if step is None:
@@ -272,8 +269,8 @@ def _minimize_quasi_newton(
         iterates += [x] if return_all else []
         if callback is not None:
             callback(scipy.optimize.OptimizeResult(x=x, fun=fval))
-        if _vecnorm(g, norm) <= gtol or (
-            alpha * _vecnorm(p, 2) <= xrtol * (xrtol + _vecnorm(x, 2))
+        if np.linalg.norm(g, norm) <= gtol or (
+            alpha * np.linalg.norm(p) <= xrtol * (xrtol + np.linalg.norm(x))
         ):
             break
         if not np.isfinite(fval):
@@ -315,15 +312,6 @@ def _start_inverse_hessian(hess_inv0, n):
             f"{n} matrix. Received: an array of shape {matrix.shape}"
         )
     return _InverseHessian(matrix)
-
-
-def _vecnorm(x, order):
-    """scipy's `vecnorm`: max |x_i| for inf, min for -inf, else the p-norm."""
-    if order == np.inf:
-        return np.amax(np.abs(x))
-    if order == -np.inf:
-        return np.amin(np.abs(x))
-    return np.sum(np.abs(x) ** order) ** (1.0 / order)
 
 
 def _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2):
@@ -1331,14 +1319,8 @@ class BatchOptimizer:
             read only once, must fit. Defaults to 256 MiB.
     """
 
-    def __init__(
-        self,
-        name="batchoptimizer",
-        batch_size=None,
-        max_cache_entries=2,
-        dtype="float64",
-        max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES,
-    ):
+    def __init__(self, name="batchoptimizer", batch_size=None, max_cache_entries=2,
+                 dtype="float64", max_dataset_bytes=_DEFAULT_MAX_DATASET_BYTES):
         _check_positive_int(batch_size, "batch_size", "or None (all rows in one batch)")
         _check_positive_int(max_cache_entries, "max_cache_entries")
         _check_positive_int(max_dataset_bytes, "max_dataset_bytes")
@@ -1395,16 +1377,8 @@ class BatchOptimizer:
         objective = self._objective
         return bool(objective and objective.xla and not objective.fell_back)
 
-    def build(
-        self,
-        model,
-        x=None,
-        y=None,
-        sample_weight=None,
-        batch_size=None,
-        class_weight=None,
-        steps=None,
-    ):
+    def build(self, model, x=None, y=None, sample_weight=None, batch_size=None,
+              class_weight=None, steps=None):
         """Binds `model` and its training data to this optimizer; returns it.
 
         `model.fit()` does this itself; call it to use `func_and_grad`,
@@ -1542,13 +1516,9 @@ class BatchOptimizer:
         """Evaluates at `x` (one compiled pass) and remembers the result."""
         loss, gradient, metrics = self._objective.fg(tf.constant(x))
         loss, gradient = float(loss), gradient.numpy()
-        found = _Evaluation(
-            np.array(x),  # a copy: scipy reuses its buffer
-            loss,
-            gradient,
-            {k: float(v) for k, v in metrics.items()},
-            bool(np.isfinite(loss) and np.isfinite(gradient).all()),
-        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        finite = bool(np.isfinite(loss) and np.isfinite(gradient).all())
+        found = _Evaluation(np.array(x), loss, gradient, metrics, finite)  # x: a copy
         self._cache = (self._cache + [found])[-self.max_cache_entries :]
         self.fg_evals, self._holds = self.fg_evals + 1, found.x
         while self._objective.notices:
@@ -2051,15 +2021,9 @@ class _SolverRun:
         """Builds the result of a run that kormos ended, at the last iterate."""
         last = self.last
         return scipy.optimize.OptimizeResult(
-            x=self.x,
-            fun=float("nan") if last is None else last.loss,
-            jac=None if last is None else last.gradient,
-            nit=self.nit,
-            nfev=self.nfev,
-            nhev=self.nhev,
-            status=status,
-            success=False,
-            message=message,
+            x=self.x, fun=float("nan") if last is None else last.loss,
+            jac=None if last is None else last.gradient, nit=self.nit, nfev=self.nfev,
+            nhev=self.nhev, status=status, success=False, message=message,
         )
 
 
@@ -2218,20 +2182,9 @@ class ScipyBatchOptimizer(BatchOptimizer):
             `max_dataset_bytes`; see `BatchOptimizer`.
     """
 
-    def __init__(
-        self,
-        name="scipy",
-        method=None,
-        epochs=None,
-        pretrain_fn=None,
-        options=None,
-        bounds=None,
-        constraints=None,
-        tol=None,
-        max_dense_params=None,
-        warm_start=False,
-        **kwargs,
-    ):
+    def __init__(self, name="scipy", method=None, epochs=None, pretrain_fn=None,
+                 options=None, bounds=None, constraints=None, tol=None,
+                 max_dense_params=None, warm_start=False, **kwargs):
         super().__init__(name=name, **kwargs)
         if method is None and isinstance(name, str) and name.lower() in METHODS:
             _warn(
@@ -2254,17 +2207,8 @@ class ScipyBatchOptimizer(BatchOptimizer):
             )
         self._carried = None  # the inverse Hessian a warm start continues from
 
-    def minimize(
-        self,
-        epochs=None,
-        callback=None,
-        pretrain_fn=None,
-        method=None,
-        options=None,
-        bounds=None,
-        constraints=None,
-        tol=None,
-    ):
+    def minimize(self, epochs=None, callback=None, pretrain_fn=None, method=None,
+                 options=None, bounds=None, constraints=None, tol=None):
         """Runs the solver, or a chain of solvers, from the current weights.
 
         Arguments left `None` take the optimizer's own. `method`, `epochs`,

@@ -1135,7 +1135,7 @@ def functional_linear_model(layers):
     return kormos.BatchOptimizedModel(inputs, outputs)
 
 
-def test_saving_keeps_bounds_and_warns_about_functions_it_cannot_keep(tmp_path):
+def test_saving_keeps_bounds_and_warns_about_functions_it_cannot_keep(tmp_path, float64):
     x, y = regression_data()
     bounds = {"dense/kernel": (-0.1, 0.1)}
     for spec in (bounds, scipy.optimize.Bounds(-0.1, 0.1), [(-0.1, 0.1)] * 6):
@@ -3232,7 +3232,10 @@ NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)"
 def same_output(printed, expected, rtol=1e-3):
     """True if `printed` is `expected` word for word and number for number,
     the numbers to `rtol` (the last digit of a 4-digit figure may differ
-    between the oldest and the newest tested versions)."""
+    between the oldest and the newest tested versions; scipy 1.11 writes
+    L-BFGS-B's messages with underscores for spaces)."""
+    printed, expected = printed.replace("_<=_", " <= "), expected.replace("_<=_", " <= ")
+    printed = re.sub(r"(?<=[A-Z])_(?=[A-Z])", " ", printed)
     got, want = re.split(NUMBER, printed.strip()), re.split(NUMBER, expected.strip())
     if len(got) != len(want):
         return False
@@ -3247,6 +3250,7 @@ def test_same_output_compares_words_exactly_and_numbers_to_a_tolerance():
     assert not same_output("max = 3.0e-04", "max = 6.0e-04")
     assert not same_output("28 99 Stopped", "29 99 Stopped")
     assert not same_output("loss 1.0", "val_loss 1.0")
+    assert same_output("NORM_OF_PROJECTED_GRADIENT_<=_PGTOL", "NORM OF PROJECTED GRADIENT <= PGTOL")
 
 
 @pytest.mark.slow

@@ -262,7 +262,7 @@ def fit_raissi(args, log):
         options.update(maxfun=args.iterations, maxcor=50, maxls=50)
         options.update(ftol=np.finfo(float).eps)
     model.fit(tx_f, epochs=args.iterations, verbose=0, callbacks=[log], options=options)
-    return model.optimizer.results
+    return model.optimizer.results[-1].message, model.optimizer.results[-1].nfev
 
 
 def fit_kiyani(args, log, run=500):
@@ -283,15 +283,15 @@ def fit_kiyani(args, log, run=500):
         method=args.method, warm_start=args.method in QUASI_NEWTON,
         options={"gtol": 0.0},
     ))
-    done, results = 0, []
+    done, nfev = 0, 0
     while done < args.iterations and not (log.start and log.out_of_time):
         last = min(done + run, args.iterations)
         model.fit(points, targets, initial_epoch=done, epochs=last, verbose=0,
                   callbacks=[log])
-        results += model.optimizer.results
+        nfev += sum(result.nfev for result in model.optimizer.results)
         done = log.iterations
         points, targets = sample_points(rng, model)
-    return results
+    return model.optimizer.results[-1].message, nfev
 
 
 def plot(logs, path, title):
@@ -373,9 +373,8 @@ def main():
     log = ErrorLog(grid, u_grid, args.every, args.minutes)
     print(" iteration   seconds      loss    rel. L2 error")
     fit = fit_kiyani if args.setup == "kiyani" else fit_raissi
-    results = fit(args, log)
-    nfev = sum(result.nfev for result in results)
-    print(f"{results[-1].message} ({log.iterations} iterations, {nfev} evaluations)")
+    message, nfev = fit(args, log)
+    print(f"{message} ({log.iterations} iterations, {nfev} evaluations)")
     log_path = args.log or f"burgers_{args.setup}_{args.method}.csv"
     np.savetxt(log_path, np.array(log.rows), delimiter=",", fmt="%.6g",
                header="iteration,seconds,loss,error", comments="")

@@ -6,12 +6,11 @@ model keeps the README's layer stack (Conv2D, MaxPooling2D, Conv2D,
 MaxPooling2D, Flatten, Dropout, Dense) with padding="same" and 4/8 filters
 instead of 32/64, so that it has 666 weights instead of 34,826.
 
-That size matters for the README's `method='bfgs'`: scipy's BFGS keeps a
-dense n x n inverse Hessian (~9.7 GB per matrix for the 2022 MNIST net's
-n = 34,826) and updates it with two n x n matrix products per iteration. kormos
-refuses dense-matrix methods above `ScipyBatchOptimizer(max_dense_params=2000)`
-weights with a clear error (shown at the end); use 'l-bfgs-b' for larger
-models.
+That size matters for the README's `method='bfgs'`: BFGS keeps dense n x n
+inverse Hessians, two of them in kormos (19 GB for the 2022 MNIST net's
+n = 34,826). kormos refuses a model whose matrices would not fit in the memory
+available, or that has more weights than `max_dense_params` (shown at the
+end); use 'l-bfgs-b' for larger models.
 
 Training is the README's: Adam for 1 epoch, then recompile with
 `kormos.optimizers.ScipyBatchOptimizer()` and fit with method='bfgs'.
@@ -142,7 +141,8 @@ else:
         print(key, ["%.6g" % v for v in values[4::5]])
 print("solver:", model.optimizer.results[-1].message)
 
-# 2. The 2022 MNIST-sized net (34,826 weights) is too big for dense BFGS.
+# 2. The 2022 MNIST-sized net (34,826 weights) is too big for a dense BFGS
+#    here: refused above max_dense_params (or beyond the memory available).
 big = BatchOptimizedSequentialModel(
     [
         keras.Input(shape=(28, 28, 1)),
@@ -156,7 +156,9 @@ big = BatchOptimizedSequentialModel(
     ]
 )
 big.compile(
-    loss=loss, optimizer=kormos.optimizers.ScipyBatchOptimizer(), metrics=["accuracy"]
+    loss=loss,
+    optimizer=kormos.optimizers.ScipyBatchOptimizer(max_dense_params=20_000),
+    metrics=["accuracy"],
 )
 x_fake = np.zeros((4, 28, 28, 1), "float32")
 try:
