@@ -2530,7 +2530,7 @@ class _Progress(keras.callbacks.Callback):
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         took = f"{seconds:.2f}s" if seconds >= 1 else f"{seconds * 1e3:.0f}ms"
-        values = "".join(f" - {k}: {_format_log(v)}" for k, v in self._logs.items())
+        values = "".join(f" - {k}: {_format_log(k, v)}" for k, v in self._logs.items())
         print(f"Iteration {self._seen}/{self.epochs} - {took}{values}", flush=True)
 
     def on_train_end(self, logs=None):
@@ -2545,8 +2545,10 @@ class _Progress(keras.callbacks.Callback):
             print(f"{self._seen} iterations: {result.message}{largest}", flush=True)
 
 
-def _format_log(value):
-    """Formats a log value as Keras' progress bar does."""
+def _format_log(key, value):
+    """Formats a log value as Keras' progress bar does, a count as an int."""
+    if key in ("fg_evals", "hessp_evals"):
+        return str(int(value))
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
 
 

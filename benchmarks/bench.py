@@ -2746,30 +2746,9 @@ def solver_cost(method, n, iters):
     return 1e3 * (wall - spent[0]) / max(result.nit, 1)
 
 
-def _poisson_model():
-    class Poisson(kormos.BatchOptimizedSequentialModel):
-        """u'' = -4 pi^2 sin(2 pi x) on [-1, 1], u(+-1) = 0 (the issue's PINN)."""
-
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
-                         training=True):
-            x = tf.convert_to_tensor(x)
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    u = self(x)
-                du = inner.gradient(u, x)
-            r = outer.gradient(du, x) + 4 * np.pi**2 * tf.sin(2 * np.pi * x)
-            ends = self(tf.constant([[-1.0], [1.0]], x.dtype))
-            return tf.reduce_mean(r**2) + tf.reduce_mean(ends**2)
-
-    keras.utils.set_random_seed(0)
-    return Poisson([keras.Input((1,)), keras.layers.Dense(20, activation="tanh"),
-                    keras.layers.Dense(20, activation="tanh"), keras.layers.Dense(1)])
-
-
 class _ErrorTrace(keras.callbacks.Callback):
-    """(iteration, seconds, relative L2 error) every `every` iterations."""
+    """(iteration, seconds, relative L2 error) every `every` iterations; stops
+    after `seconds`."""
 
     def __init__(self, x, exact, every, seconds=None):
         super().__init__()
@@ -2789,30 +2768,25 @@ class _ErrorTrace(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def _example(name):
+    path = os.path.join(os.path.dirname(BURGERS_EXAMPLE), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def poisson_race(iters):
-    """Each method from the same start for `iters` iterations (gtol 0)."""
-    x = np.linspace(-1, 1, 200)[:, None]
-    exact = np.sin(2 * np.pi * x)
-    traces = {}
+    """examples/poisson_pinn.py: each method from the same start."""
     with floatx("float64"):
-        for method in QN_METHODS:
-            model = _poisson_model()
-            model.compile(optimizer=method)
-            trace = _ErrorTrace(x, exact, max(iters // 15, 1))
-            model.fit(x, epochs=iters, verbose=0, callbacks=[trace],
-                      options={"gtol": 0.0})
-            traces[method] = trace.rows
-    return traces
+        return _example("poisson_pinn").race(iters, QN_METHODS, max(iters // 15, 1))
 
 
 def burgers_race(seconds):
     """Raissi's Burgers setup (examples/burgers_pinn.py), each method from the
     same start for `seconds` of wall time."""
     problem = Burgers()
-    spec = importlib.util.spec_from_file_location("burgers_pinn", BURGERS_EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    _, _, _, grid, u_grid = example.make_problem(10)
+    _, _, _, grid, u_grid = _example("burgers_pinn").make_problem(10)
     traces = {}
     with floatx("float64"):
         for method in QN_METHODS:

@@ -99,6 +99,19 @@ def make_problem(n_f=10_000, n_u=100, seed=1234, nu=NU):
     return tx_f, tx_u, u_u, grid, u_grid
 
 
+def burgers_residual(model, tx):
+    """u_t + u u_x - nu u_xx of `model` at the points `tx` (columns t, x),
+    the input derivatives by nested tapes."""
+    with tf.GradientTape() as outer:
+        outer.watch(tx)
+        with tf.GradientTape() as inner:
+            inner.watch(tx)
+            u = model(tx)[:, 0]
+        u_t, u_x = tf.unstack(inner.gradient(u, tx), axis=1)
+    u_xx = outer.gradient(u_x, tx)[:, 1]
+    return u_t + u * u_x - model.nu * u_xx
+
+
 class BurgersPINN(kormos.BatchOptimizedModel):
     """u(t, x) as an MLP; the loss is MSE_u + MSE_f of the paper.
 
@@ -127,15 +140,7 @@ class BurgersPINN(kormos.BatchOptimizedModel):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        tx = tf.convert_to_tensor(x)
-        with tf.GradientTape() as outer:
-            outer.watch(tx)
-            with tf.GradientTape() as inner:
-                inner.watch(tx)
-                u = self(tx)[:, 0]
-            u_t, u_x = tf.unstack(inner.gradient(u, tx), axis=1)
-        u_xx = outer.gradient(u_x, tx)[:, 1]
-        mse_f = tf.reduce_mean((u_t + u * u_x - self.nu * u_xx) ** 2)
+        mse_f = tf.reduce_mean(burgers_residual(self, tf.convert_to_tensor(x)) ** 2)
         mse_u = tf.reduce_mean((self(self.tx_u) - self.u_u) ** 2)
         return mse_u + mse_f
 
@@ -160,23 +165,12 @@ class KiyaniBurgers(kormos.BatchOptimizedModel):
             h = layer(h)
         return self.out(h)
 
-    def residual(self, tx):
-        """u_t + u u_x - nu u_xx at the points `tx`."""
-        with tf.GradientTape() as outer:
-            outer.watch(tx)
-            with tf.GradientTape() as inner:
-                inner.watch(tx)
-                u = self(tx)[:, 0]
-            u_t, u_x = tf.unstack(inner.gradient(u, tx), axis=1)
-        u_xx = outer.gradient(u_x, tx)[:, 1]
-        return u_t + u * u_x - self.nu * u_xx
-
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         tx = tf.convert_to_tensor(x)
         n_f, n_0 = self.n_f, self.n_0
-        mse_f = tf.reduce_mean(self.residual(tx[:n_f]) ** 2)
+        mse_f = tf.reduce_mean(burgers_residual(self, tx[:n_f]) ** 2)
         u_0 = self(tx[n_f : n_f + n_0])
         mse_0 = tf.reduce_mean((u_0 - y[n_f : n_f + n_0]) ** 2)
         u_b = self(tx[n_f + n_0 :])[:, 0]
@@ -194,7 +188,8 @@ def sample_points(rng, model=None, n_f=8000, n_0=500, n_b=500, candidates=50_000
     if model is None:
         chosen = tx[:n_f]
     else:
-        r = np.abs(model.residual(tf.constant(tx, keras.config.floatx())).numpy())
+        points = tf.constant(tx, keras.config.floatx())
+        r = np.abs(burgers_residual(model, points).numpy())
         weight = r / r.mean() + 1.0
         chosen = tx[rng.choice(candidates, n_f, replace=False, p=weight / weight.sum())]
     x_0 = rng.uniform(-1, 1, n_0)

@@ -57,7 +57,7 @@ Xval = rng.normal(size=(1000, rank))
 yval = Xval @ w[:, None]
 
 # 1. Sequential API, L-BFGS-B
-model = kormos.BatchOptimizedSequentialModel([keras.Input(shape=(rank,)), linear_layer()])
+model = kormos.BatchOptimizedSequentialModel([keras.Input((rank,)), linear_layer()])
 model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mean_absolute_error"])
 history = model.fit(
     X, y, epochs=10, validation_data=(Xval, yval), options={"maxcor": 3}, verbose=2
