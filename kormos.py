@@ -1896,7 +1896,7 @@ class _SolverRun:
     def __init__(self, optimizer, run, listener):
         self.optimizer, self.run, self.listener = optimizer, run, listener
         self.x0 = self.x = optimizer.get_weights()  # the start, the last iterate
-        self.last = None  # the `_Evaluation` of the last iterate
+        self.last = None  # the loss and gradient of the last iterate
         self.nit = self.nfev = self.nhev = 0
         self.losses = []  # of the last two iterates
         self.in_iteration = False  # the listener has heard begin_iteration()
@@ -1948,23 +1948,24 @@ class _SolverRun:
         return result
 
     def loss_and_gradient(self, x):
+        # The public `func_and_grad`, which a subclass may extend.
         self._begin_iteration()
-        found, fresh = self.optimizer._evaluation(x)
-        self.nfev += fresh
-        if not found.finite:
-            what = "loss" if not np.isfinite(found.loss) else "gradient"
-            error = f"The {what} is not finite (loss={found.loss})"
+        before = self.optimizer.fg_evals
+        try:
+            loss, gradient = self.optimizer.func_and_grad(x)
+        except FloatingPointError as error:
             if self.nit == 0 and np.array_equal(x, self.x0):
                 raise ValueError(
-                    f"{error} at the initial weights. The solver cannot start "
-                    "from non-finite values: check the data for NaN/Inf and the "
-                    "initial weights."
-                )
-            message = f"Stopped: {error}. The last finite iterate is kept."
+                    f"{error} The solver cannot start from non-finite values: "
+                    "check the data for NaN/Inf and the initial weights."
+                ) from None
+            message = f"Stopped: {error} The last finite iterate is kept."
             _warn(message)
-            raise _StopRun(_STATUS_NOT_FINITE, message)
-        self.last = self.last or found  # the first evaluation is at x0
-        return found.loss, found.gradient
+            raise _StopRun(_STATUS_NOT_FINITE, message) from None
+        finally:
+            self.nfev += self.optimizer.fg_evals - before
+        self.last = self.last or (loss, gradient)  # the first evaluation is at x0
+        return loss, gradient
 
     def loss(self, x):
         return self.loss_and_gradient(x)[0]
@@ -1998,7 +1999,8 @@ class _SolverRun:
         """Accepts the iterate `x` and tells the listener; returns its answer."""
         found, fresh = self.optimizer._evaluation(x)  # remembered: scipy evaluated it
         self.nfev += fresh
-        self.x, self.last, self.nit = found.x, found, self.nit + 1
+        self.x, self.last = found.x, (found.loss, found.gradient)
+        self.nit += 1
         self.losses = self.losses[-1:] + [found.loss]
         if self.listener is None:
             return False
@@ -2019,11 +2021,10 @@ class _SolverRun:
 
     def _result(self, status, message):
         """Builds the result of a run that kormos ended, at the last iterate."""
-        last = self.last
+        fun, jac = self.last or (float("nan"), None)
         return scipy.optimize.OptimizeResult(
-            x=self.x, fun=float("nan") if last is None else last.loss,
-            jac=None if last is None else last.gradient, nit=self.nit, nfev=self.nfev,
-            nhev=self.nhev, status=status, success=False, message=message,
+            x=self.x, fun=fun, jac=jac, nit=self.nit, nfev=self.nfev, nhev=self.nhev,
+            status=status, success=False, message=message,
         )
 
 

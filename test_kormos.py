@@ -1884,6 +1884,19 @@ class GradientDescent(kormos.BatchOptimizer):
         return x
 
 
+def test_a_subclass_that_extends_func_and_grad_is_what_the_solver_calls():
+    class Logging(kormos.ScipyBatchOptimizer):
+        def func_and_grad(self, x):
+            self.logged = getattr(self, "logged", 0) + 1
+            return super().func_and_grad(x)
+
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer=Logging())
+    fit_without_progress(model, x, y, epochs=5)
+    assert model.optimizer.logged >= model.optimizer.results[-1].nfev > 0
+
+
 def test_a_custom_batch_optimizer_trains_through_fit():
     x, y = regression_data()
     model = linear_model()
