@@ -1514,11 +1514,12 @@ class BatchOptimizer:
 
     def _evaluate(self, x):
         """Evaluates at `x` (one compiled pass) and remembers the result."""
-        loss, gradient, metrics = self._objective.fg(tf.constant(x))
+        point = tf.constant(x)  # a copy: scipy reuses its buffer
+        loss, gradient, metrics = self._objective.fg(point)
         loss, gradient = float(loss), gradient.numpy()
         metrics = {k: float(v) for k, v in metrics.items()}
         finite = bool(np.isfinite(loss) and np.isfinite(gradient).all())
-        found = _Evaluation(np.array(x), loss, gradient, metrics, finite)  # x: a copy
+        found = _Evaluation(point.numpy(), loss, gradient, metrics, finite)
         self._cache = (self._cache + [found])[-self.max_cache_entries :]
         self.fg_evals, self._holds = self.fg_evals + 1, found.x
         while self._objective.notices:
