@@ -896,8 +896,9 @@ class _Objective:
     def _function(self, kind, whole):
         """Returns the compiled pass and, if XLA may fall back, the plain one.
 
-        With XLA, a pass over one in-memory batch is compiled whole; a pass
-        that loops over batches compiles only the batch terms.
+        With XLA, a pass over one in-memory batch is compiled whole (the "mf"
+        row of benchmarks/bench.py, `--ablate whole-xla`); a pass that loops
+        over batches compiles only the batch terms.
         """
         if (kind, whole) in self._functions:
             return self._functions[kind, whole]
@@ -1156,8 +1157,10 @@ class _Objective:
 def _concrete(function, args):
     """Returns the traced concrete function of a `tf.function` for `args`.
 
-    Calling it skips tf.function's argument matching at every evaluation (and
-    its frequent-tracing warning when many optimizers trace the same code).
+    Calling it skips tf.function's argument matching at every evaluation
+    (the "linreg" and "logreg" rows of benchmarks/bench.py, `--ablate
+    concrete-functions`), and its frequent-tracing warning when many
+    optimizers trace the same code.
     """
     if hasattr(function, "get_concrete_function"):
         return function.get_concrete_function(*args)
@@ -1349,7 +1352,7 @@ class BatchOptimizer:
         self._data = self._validation_data = None  # the bound `_Data`
         # The cached point the weights hold since the last evaluation, unless a
         # callback ran: then set_weights(x) need not copy all n weights into
-        # the model again (benchmarks/bench.py, "large" row).
+        # the model again (benchmarks/bench.py, "large" row, `--ablate held-point`).
         self._holds = None
 
     @property
@@ -1420,7 +1423,7 @@ class BatchOptimizer:
             objective = _Objective(model, *_xla_choice(model, self._jit_compile, data))
         objective.bind(data, validation)
         self.model, self._objective, self._cache = model, objective, []
-        self._data, self._validation_data = data, validation
+        self._data, self._validation_data, self._holds = data, validation, None
 
     def _validation(self, data):
         """Binds the validation `data`; returns a function that gives its loss
@@ -1527,7 +1530,9 @@ class BatchOptimizer:
         return found
 
     def _remembered(self, x):
-        """Returns the remembered `_Evaluation` at `x`, or None."""
+        """Returns the remembered `_Evaluation` at `x`, or None; most misses
+        differ at the first entry (the "large" row of benchmarks/bench.py,
+        `--ablate first-element`)."""
         for found in reversed(self._cache):
             if found.x is x or (found.x[0] == x[0] and np.array_equal(found.x, x)):
                 return found
@@ -2007,7 +2012,10 @@ class _SolverRun:
             return False
         self._begin_iteration()
         self.in_iteration = False
-        return self.listener.end_iteration(self.optimizer._iterate(found))
+        try:
+            return self.listener.end_iteration(self.optimizer._iterate(found))
+        finally:
+            self.optimizer._holds = None  # a callback may have changed the weights
 
     def _stop_if_interrupted(self):
         if _INTERRUPTS.requested:

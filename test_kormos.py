@@ -866,9 +866,28 @@ def test_model_holds_the_iterate_during_on_epoch_end(float64):
         epochs=6,
         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=check)],
     )
-    assert len(seen) >= 3
+    assert len(seen) == 6
     for logged, evaluated in seen:
         np.testing.assert_allclose(logged, evaluated, rtol=1e-8)
+
+
+def test_weights_a_callback_changes_do_not_outlive_the_fit(float64):
+    """After fit(), the model holds the last row's iterate, even where a
+    callback scribbled on the weights after the solver evaluated them."""
+    x, y = regression_data()
+    model = linear_model()
+    model.compile(loss="mse", optimizer="l-bfgs-b")
+    iterates = []
+
+    def scribble(epoch, logs):
+        iterates.append(model.optimizer.get_weights())
+        model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+        model.stop_training = epoch == 1
+
+    callback = keras.callbacks.LambdaCallback(on_epoch_end=scribble)
+    fit_without_progress(model, x, y, epochs=3, callbacks=[callback])
+    assert len(iterates) == 2
+    np.testing.assert_array_equal(model.optimizer.get_weights(), iterates[-1])
 
 
 def test_training_metrics_in_every_row_without_extra_passes(float64):
