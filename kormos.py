@@ -1,7 +1,8 @@
 """kormos: fit Keras 3 models with scipy.optimize.minimize (L-BFGS-B, Newton-CG, ...).
 
 A model compiled with `optimizer="l-bfgs-b"` (or any other method name of
-`scipy.optimize.minimize`) is trained by `model.fit()` with that deterministic
+`scipy.optimize.minimize`, or kormos' self-scaled quasi-Newton methods
+"ssbfgs" and "ssbroyden") is trained by `model.fit()` with that deterministic
 full-batch solver: every function evaluation is one pass over all the training
 data, one solver iteration is one Keras epoch, and `fit()` returns the usual
 `History`. Compile the same model with `"adam"` and it trains like any
@@ -191,8 +192,8 @@ class _InverseHessian:
         H_new = (H - h h'/a + phi a v v') / tau + s s'/ys, with a = y'h,
         v = s/ys - h/a, and `tau`, `phi` from `scaling(a_k, b_k, h_k, n)`
         (Urban et al., eq. 13; `sbs` is s'Bs = -alpha s'g_old). The update
-        is skipped, H kept positive definite, unless y's > 0 and all the
-        scalars are finite.
+        is skipped, H kept positive definite, unless y's > 0, y'Hy > 0 and all
+        the scalars are finite.
         """
         ys, a = float(y @ s), float(y @ h)
         if not ys > np.finfo(float).eps * np.linalg.norm(s) * np.linalg.norm(y):
@@ -202,7 +203,7 @@ class _InverseHessian:
             tau, phi = scaling(b * h_k - 1.0, b, h_k, len(s))
             c_hh, c_sh = (phi - 1.0) / (tau * a), -phi / (tau * ys)
             c_ss = phi * a / (tau * ys * ys) + 1.0 / ys
-        if not (tau > 0 and np.all(np.isfinite([tau, c_hh, c_sh, c_ss]))):
+        if not (tau > 0 and a > 0 and np.all(np.isfinite([tau, c_hh, c_sh, c_ss]))):
             return hg
         blas = scipy.linalg.blas
         if tau != 1.0:
@@ -214,6 +215,11 @@ class _InverseHessian:
             self.matrix = blas.dsyr(c_hh, h, a=self.matrix, overwrite_a=True)
         hs, ss = float(h @ g), float(s @ g)
         return hg / tau + (c_hh * hs + c_sh * ss) * h + (c_sh * hs + c_ss * ss) * s
+
+    def restart(self):
+        """Makes H the identity again, in place."""
+        self.matrix[:] = 0.0
+        np.fill_diagonal(self.matrix, 1.0)
 
     def symmetric(self):
         """Returns the full matrix, its lower triangle filled in."""
@@ -257,6 +263,9 @@ def _minimize_quasi_newton(
     hg, k, status, iterates = hess_inv.times(g), 0, 0, [x]
     while np.linalg.norm(g, norm) > gtol and k < maxiter:  # scipy's `vecnorm`
         p = -hg
+        if not float(g @ p) < 0:  # roundoff has taken H's definiteness: restart
+            hess_inv.restart()
+            p = -g
         step = _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2)
         if step is None:
             status = 2
@@ -302,9 +311,10 @@ def _start_inverse_hessian(hess_inv0, n):
         return _InverseHessian(np.eye(n))
     matrix = np.asarray(hess_inv0, dtype=np.float64)
     try:
+        ok = matrix.shape == (n, n) and np.allclose(matrix, matrix.T, rtol=1e-10)
+        matrix = 0.5 * (matrix + matrix.T)  # e.g. scipy's, symmetric to roundoff
         np.linalg.cholesky(matrix)
-        ok = matrix.shape == (n, n) and np.array_equal(matrix, matrix.T)
-    except np.linalg.LinAlgError:
+    except (np.linalg.LinAlgError, ValueError):
         ok = False
     if not ok:
         raise ValueError(

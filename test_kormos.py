@@ -1,6 +1,7 @@
 """Tests for kormos.py. Run: python -m pytest -q test_kormos.py"""
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -809,6 +810,7 @@ def test_class_weight_on_a_dataset_equals_class_weight_on_arrays(float64):
 
 STOP_METHODS = [
     "L-BFGS-B",
+    "SSBroyden",
     "TNC",
     "Newton-CG",
     "trust-constr",
@@ -1284,10 +1286,11 @@ def test_progress_to_a_pipe_is_one_clean_line_per_iteration(tmp_path):
     assert reason.startswith(f"{count} iterations: {message} (largest gradient entry: ")
 
 
-def test_ctrl_c_returns_history_and_keeps_last_iterate(tmp_path):
+@pytest.mark.parametrize("method", breadth(["l-bfgs-b", "ssbroyden"], fast=2))
+def test_ctrl_c_returns_history_and_keeps_last_iterate(method, tmp_path):
     x, y = regression_data()
     model = linear_model()
-    model.compile(loss="mse", optimizer="l-bfgs-b")
+    model.compile(loss="mse", optimizer=method)
     iterates = []
 
     def press_ctrl_c(epoch, logs):
@@ -1407,6 +1410,14 @@ def test_optimizer_config_round_trip():
     clone = kormos.ScipyBatchOptimizer.from_config(optimizer.get_config())
     assert clone.get_config() == optimizer.get_config()
     assert clone.method == "tnc" and clone.tol == 1e-3
+    optimizer = kormos.ScipyBatchOptimizer(
+        method="SSBroyden", warm_start=True, max_dense_params=5000
+    )
+    clone = kormos.ScipyBatchOptimizer.from_config(optimizer.get_config())
+    assert clone.get_config() == optimizer.get_config()
+    assert (clone.method, clone.warm_start, clone.max_dense_params) == (
+        "ssbroyden", True, 5000
+    )
 
 
 @pytest.mark.slow
@@ -2527,6 +2538,19 @@ def test_quasi_newton_update_keeps_the_secant_equation_symmetry_and_definiteness
             break
 
 
+@pytest.mark.parametrize("update", QUASI_NEWTON)
+def test_a_matrix_that_lost_definiteness_restarts_from_the_identity(update):
+    """Roundoff can take a long-carried matrix's definiteness; where -H g is
+    no descent direction, the run restarts H rather than fail its line search."""
+    loss_and_gradient, x0 = convex_problem(n=10)
+    indefinite = kormos._InverseHessian(-np.eye(10))  # trusted, as a warm start's
+    method = functools.partial(kormos._minimize_quasi_newton, update=update)
+    result = scipy.optimize.minimize(loss_and_gradient, x0, jac=True, method=method,
+                                     options={"hess_inv0": indefinite, "gtol": 1e-8})
+    assert result.success, result.message
+    assert np.linalg.eigvalsh(result.hess_inv).min() > 0
+
+
 def test_quasi_newton_update_is_skipped_without_curvature():
     inverse = kormos._InverseHessian(np.eye(3))
     s, y, g = np.array([1.0, 0, 0]), np.array([-1.0, 0, 0]), np.ones(3)  # y's < 0
@@ -2988,8 +3012,11 @@ def fit(strategy, dtype, loss):
         opt = model.optimizer.build(model, x, y, batch_size=32)
         w0 = opt.get_weights()
         at_start = (opt.func(w0), opt.grad(w0), opt.hessp(w0, np.ones(49)))
-        h = model.fit(x, y, epochs=8, batch_size=32, verbose=0)
-    return at_start, h.history
+        # 101 rows and 21 validation rows split unevenly over two replicas.
+        h = model.fit(x, y, epochs=8, batch_size=32, verbose=0,
+                      validation_data=(x[:21], y[:21]))
+        q = model.fit(x, y, epochs=4, verbose=0, method="ssbroyden")
+    return at_start, {**h.history, "ssbroyden": q.history["loss"]}
 
 # The objective, its gradient and an HVP agree to roundoff; 8 iterations of
 # L-BFGS-B amplify roundoff somewhat (most with the larger summed loss).
@@ -3001,8 +3028,8 @@ for dtype, exact, path in (("float64", 1e-12, 1e-6), ("float32", 1e-5, 1e-3)):
         assert {0, 1} <= {r for r, _ in seen}, seen
         for a, b in zip(one, two):
             np.testing.assert_allclose(a, b, rtol=exact, atol=exact * np.abs(a).max())
-        np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=path)
-        np.testing.assert_allclose(h1["mae"], h2["mae"], rtol=path)
+        for key in ("loss", "mae", "val_loss", "ssbroyden"):
+            np.testing.assert_allclose(h1[key], h2[key], rtol=path)
         print("MIRRORED-OK", dtype, loss, len(h1["loss"]), h1["loss"][-1])
 """
 

@@ -278,12 +278,15 @@ def fit_kiyani(args, log, run=500):
         method=args.method, warm_start=args.method in QUASI_NEWTON,
         options={"gtol": 0.0},
     ))
-    done, nfev = 0, 0
+    done, nfev, stalls = 0, 0, 0
     while done < args.iterations and not (log.start and log.out_of_time):
         last = min(done + run, args.iterations)
         model.fit(points, targets, initial_epoch=done, epochs=last, verbose=0,
                   callbacks=[log])
         nfev += sum(result.nfev for result in model.optimizer.results)
+        stalls = stalls + 1 if log.iterations == done else 0
+        if stalls == 5:  # five samples in a row where no step could be made
+            break
         done = log.iterations
         points, targets = sample_points(rng, model)
     return model.optimizer.results[-1].message, nfev
