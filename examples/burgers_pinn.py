@@ -292,27 +292,32 @@ def fit_kiyani(args, log, run=500):
     return model.optimizer.results[-1].message, nfev
 
 
-def plot(logs, path, title):
-    """Draws relative L2 error against wall time, one line per log CSV."""
+def plot(logs, path):
+    """Draws relative L2 error against wall time from error logs (CSV files
+    named <setup>_<method>.csv): one panel per setup, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in logs:
-        _, seconds, _, error = np.loadtxt(name, delimiter=",", skiprows=1).T
-        label = name.rsplit("/", 1)[-1].removesuffix(".csv")
-        ax.semilogy(seconds / 60, error, label=label)
-    ax.axhline(
-        PAPER_ERROR, color="k", ls="--", lw=1, label="Raissi et al. (2019): 6.7e-4"
+    names = [name.rsplit("/", 1)[-1].removesuffix(".csv") for name in logs]
+    setups = sorted({name.split("_", 1)[0] for name in names})
+    fig, axes = plt.subplots(
+        1, len(setups), figsize=(6 * len(setups), 4), squeeze=False
     )
-    ax.set_xlabel("wall time (minutes)")
-    ax.set_ylabel("relative L2 error")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    for ax, setup in zip(axes[0], setups):
+        for name, log in zip(names, logs):
+            if name.split("_", 1)[0] == setup:
+                _, seconds, _, error = np.loadtxt(log, delimiter=",", skiprows=1).T
+                ax.semilogy(seconds / 60, error, label=name.split("_", 1)[-1])
+        if setup == "raissi":
+            ax.axhline(PAPER_ERROR, color="k", ls="--", lw=1, label="paper: 6.7e-4")
+        ax.set_xlabel("wall time (minutes)")
+        ax.set_ylabel("relative L2 error")
+        ax.set_title(f"Burgers' equation, {setup} setup")
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"plot written to {path}")
 
 
@@ -358,7 +363,7 @@ def main():
     )
     args = parser.parse_args()
     if args.plot_logs:
-        plot(args.plot_logs, args.plot, "Burgers' equation: PINN error against time")
+        plot(args.plot_logs, args.plot)
         return
 
     if args.threads:
@@ -373,10 +378,10 @@ def main():
     fit = fit_kiyani if args.setup == "kiyani" else fit_raissi
     message, nfev = fit(args, log)
     print(f"{message} ({log.iterations} iterations, {nfev} evaluations)")
-    log_path = args.log or f"burgers_{args.setup}_{args.method}.csv"
+    log_path = args.log or f"{args.setup}_{args.method}.csv"
     np.savetxt(log_path, np.array(log.rows), delimiter=",", fmt="%.6g",
                header="iteration,seconds,loss,error", comments="")
-    plot([log_path], args.plot, f"Burgers' equation ({args.setup}), {args.method}")
+    plot([log_path], args.plot)
 
 
 if __name__ == "__main__":
