@@ -3,8 +3,8 @@
 
 Run from the repository root:
 
-    python benchmarks/bench.py --quick      # about 5.5 minutes on 2 cores (no PINN)
-    python benchmarks/bench.py              # full mode, every row: about 17 minutes
+    python benchmarks/bench.py --quick      # quick mode (no PINN)
+    python benchmarks/bench.py              # full mode, every row
     python benchmarks/bench.py --quick --problems large,dataset,sklearn
 
 benchmarks/README.md describes the method, each row and the targets; the
@@ -37,6 +37,14 @@ answers.
   streamed dataset (`max_dataset_bytes=1`), per evaluation.
 * sklearn: `MLPRegressor(solver="lbfgs")` against kormos on the same
   objective and start: time per iteration, same losses along the path.
+* qn: the dense quasi-Newton methods: solver cost per iteration of
+  L-BFGS-B, kormos' BFGS, SSBFGS and SSBroyden and scipy's BFGS at n = 481,
+  1,341, 3,021 (and 10,000 in full mode) next to one Burgers evaluation; the
+  Poisson PINN race of examples/poisson_pinn.py; in full mode, a Burgers
+  race (Raissi's setup, 180 s per method).
+* --ablate NAME turns off one speed-only mechanism of kormos in the run's
+  copy (held-point, concrete-functions, first-element, whole-xla,
+  blas-limit), to compare the report's rows with a run without it.
 * pinn (full mode): Burgers' equation (examples/burgers_pinn.py): kormos and
   the ideal in graph and XLA mode and torch per evaluation, float32 and
   float64; kormos (both modes) against torch LBFGS with equal time budgets;
@@ -70,7 +78,7 @@ def _parse_args(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller budgets, no PINN (about 5.5 min on 2 cores)",
+        help="smaller budgets, no PINN",
     )
     p.add_argument(
         "--rounds",
