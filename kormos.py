@@ -175,15 +175,17 @@ _SCALINGS = {"bfgs": _bfgs_scaling, "ssbfgs": _ssbfgs_scaling,
 
 
 class _InverseHessian:
-    """A symmetric n x n float64 matrix H held in its upper triangle (Fortran
-    order, for BLAS) and updated in place in O(n^2), without n x n
-    temporaries."""
+    """A symmetric n x n float64 matrix H = scale * M, M held in its upper
+    triangle (Fortran order, for BLAS) and updated in place in O(n^2), without
+    n x n temporaries. The self-scaling 1/tau goes into `scale`, saving a pass
+    over the matrix (the "qn" solver-cost row of benchmarks/bench.py)."""
 
     def __init__(self, start):
         self.matrix = np.array(start, dtype=np.float64, order="F")  # a copy
+        self.scale = 1.0
 
     def times(self, v):
-        return scipy.linalg.blas.dsymv(1.0, self.matrix, v)
+        return scipy.linalg.blas.dsymv(self.scale, self.matrix, v)
 
     def update(self, s, y, h, hg, g, sbs, scaling):
         """Updates H for the step `s` and gradient change `y`; returns
@@ -205,14 +207,15 @@ class _InverseHessian:
             c_ss = phi * a / (tau * ys * ys) + 1.0 / ys
         if not (tau > 0 and a > 0 and np.all(np.isfinite([tau, c_hh, c_sh, c_ss]))):
             return hg
-        blas = scipy.linalg.blas
-        if tau != 1.0:
-            self.matrix *= 1.0 / tau
+        if not 1e-100 < self.scale / tau < 1e100:
+            self._fold_scale()
+        self.scale /= tau
+        blas, m = scipy.linalg.blas, 1.0 / self.scale
         # s w' + w s' = c_ss s s' + c_sh (s h' + h s'), with w = c_ss s / 2 + c_sh h
-        self.matrix = blas.dsyr2(1.0, s, 0.5 * c_ss * s + c_sh * h, a=self.matrix,
+        self.matrix = blas.dsyr2(m, s, 0.5 * c_ss * s + c_sh * h, a=self.matrix,
                                  overwrite_a=True)
         if c_hh != 0.0:
-            self.matrix = blas.dsyr(c_hh, h, a=self.matrix, overwrite_a=True)
+            self.matrix = blas.dsyr(m * c_hh, h, a=self.matrix, overwrite_a=True)
         hs, ss = float(h @ g), float(s @ g)
         return hg / tau + (c_hh * hs + c_sh * ss) * h + (c_sh * hs + c_ss * ss) * s
 
@@ -220,13 +223,21 @@ class _InverseHessian:
         """Makes H the identity again, in place."""
         self.matrix[:] = 0.0
         np.fill_diagonal(self.matrix, 1.0)
+        self.scale = 1.0
 
     def symmetric(self):
-        """Returns the full matrix, its lower triangle filled in."""
+        """Returns the full matrix H, the scale folded in and the lower
+        triangle filled in."""
+        self._fold_scale()
         m = self.matrix
         for j in range(1, len(m)):
             m[j, :j] = m[:j, j]
         return m
+
+    def _fold_scale(self):
+        if self.scale != 1.0:
+            self.matrix *= self.scale
+            self.scale = 1.0
 
 
 def _minimize_quasi_newton(
