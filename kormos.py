@@ -2132,8 +2132,10 @@ def _solver_blas_threads(method):
 
     A solver's vector (and quasi-Newton matrix-vector) arithmetic is
     memory-bound, and a second BLAS thread competes with TensorFlow for the
-    cores (the BLAS line of benchmarks/bench.py); scipy's methods with O(n^3)
-    matrix products keep them all.
+    cores: in whole fits of the "large" row of benchmarks/bench.py (`--ablate
+    blas-limit`) scipy 1.18's L-BFGS-B routine ran 1.2 x faster with one
+    thread, and scipy 1.11's a third faster on a busy machine (9% slower on
+    an idle one). scipy's methods with O(n^3) matrix products keep them all.
     """
     cubic = method in _DENSE_MATRICES and method not in _QUASI_NEWTON
     if cubic or _threadpoolctl is None:
