@@ -68,6 +68,16 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_delivered():
+    """The Ctrl-C tests send SIGINT to this process, which a shell that starts
+    it in the background (`cmd &`) sets to be ignored: restore Python's
+    handler, as in a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture
 def float64():
     """Runs the whole test in float64: Keras casts compiled losses to floatx()."""
