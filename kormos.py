@@ -1520,7 +1520,7 @@ class BatchOptimizer:
     def _finite_evaluation(self, x):
         """Returns the `_Evaluation` at `x`, or raises a FloatingPointError
         if it is not finite."""
-        found, _ = self._evaluation(x)
+        found = self._evaluation(x)
         if not found.finite:
             what = "loss" if not np.isfinite(found.loss) else "gradient"
             raise FloatingPointError(
@@ -1529,12 +1529,10 @@ class BatchOptimizer:
         return found
 
     def _evaluation(self, x):
-        """Returns `(evaluation, fresh)`: the `_Evaluation` at `x`, remembered
-        or computed now (fresh)."""
+        """Returns the `_Evaluation` at `x`, remembered or computed now."""
         self._require_built()
         x = _as_flat_float64(x, self._objective.size)
-        found = self._remembered(x)
-        return (found, False) if found else (self._evaluate(x), True)
+        return self._remembered(x) or self._evaluate(x)
 
     def _evaluate(self, x):
         """Evaluates at `x` (one compiled pass) and remembers the result."""
@@ -1577,7 +1575,7 @@ class BatchOptimizer:
 
         def callback(x):
             listener.begin_iteration()
-            return listener.end_iteration(self._iterate(self._finite_evaluation(x)))
+            return self._end_iteration(listener, self._finite_evaluation(x))
 
         run, given = runs[0], {"method": runs[0].method, "options": runs[0].options}
         given = {k: v for k, v in {**given, **solver_kwargs}.items() if v is not None}
@@ -1585,13 +1583,19 @@ class BatchOptimizer:
         self.minimize(epochs=budget, callback=callback, pretrain_fn=run.pretrain_fn,
                       **given)
 
-    def _iterate(self, found):
-        """Returns an iterate as the fit loop logs it, scipy's intermediate
-        result with the metrics and the passes so far."""
-        return scipy.optimize.OptimizeResult(
+    def _end_iteration(self, listener, found):
+        """Hands the iterate `found` to the fit loop (`listener`) as scipy's
+        intermediate result with the metrics and the passes so far; returns
+        its answer. Its callbacks may change the weights, so the held point
+        is forgotten."""
+        iterate = scipy.optimize.OptimizeResult(
             x=found.x, fun=found.loss, jac=found.gradient, metrics=found.metrics,
             nfev=self.fg_evals, nhev=self.hessp_evals,
         )
+        try:
+            return listener.end_iteration(iterate)
+        finally:
+            self._holds = None
 
     def get_config(self):
         """Returns the constructor arguments, as Keras objects do."""
@@ -2024,8 +2028,9 @@ class _SolverRun:
 
     def _end_iteration(self, x):
         """Accepts the iterate `x` and tells the listener; returns its answer."""
-        found, fresh = self.optimizer._evaluation(x)  # remembered: scipy evaluated it
-        self.nfev += fresh
+        before = self.optimizer.fg_evals
+        found = self.optimizer._evaluation(x)  # remembered: scipy evaluated it
+        self.nfev += self.optimizer.fg_evals - before
         self.x, self.last = found.x, (found.loss, found.gradient)
         self.nit += 1
         self.losses = self.losses[-1:] + [found.loss]
@@ -2033,10 +2038,7 @@ class _SolverRun:
             return False
         self._begin_iteration()
         self.in_iteration = False
-        try:
-            return self.listener.end_iteration(self.optimizer._iterate(found))
-        finally:
-            self.optimizer._holds = None  # a callback may have changed the weights
+        return self.optimizer._end_iteration(self.listener, found)
 
     def _stop_if_interrupted(self):
         if _INTERRUPTS.requested:
