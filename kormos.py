@@ -14,20 +14,10 @@ Needs Keras 3 on its TensorFlow backend. License: MIT (see LICENSE).
 
 __version__ = "0.4.0"
 __all__ = [
-    # Models
-    "BatchOptimizedModel",
-    "BatchOptimizedSequentialModel",
-    # Optimizers
-    "BatchOptimizer",
-    "ScipyBatchOptimizer",
-    "get",
-    "METHODS",
-    # Weight packing
-    "pack_weights",
-    "unpack_weights",
-    # Compatibility namespaces of kormos 0.1 (kormos.models, kormos.optimizers)
-    "models",
-    "optimizers",
+    "BatchOptimizedModel", "BatchOptimizedSequentialModel",  # models
+    "BatchOptimizer", "ScipyBatchOptimizer", "get", "METHODS",  # optimizers
+    "pack_weights", "unpack_weights",  # weight packing
+    "models", "optimizers",  # kormos 0.1's kormos.models and kormos.optimizers
 ]
 
 import collections
@@ -57,11 +47,9 @@ if np.lib.NumpyVersion(keras.version()) < "3.12.0":
     )
 if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes"):
     warnings.warn(
-        "TF_USE_LEGACY_KERAS is set, so `tf.keras` (`from tensorflow import "
-        "keras`) is Keras 2 or fails to import, but kormos models are Keras 3 "
-        "models: build them with `import keras`, whose layers cannot be mixed "
-        "with tf.keras ones. Unset TF_USE_LEGACY_KERAS to make tf.keras Keras 3.",
-        stacklevel=2,
+        "TF_USE_LEGACY_KERAS is set, so `tf.keras` is Keras 2 (or fails to "
+        "import), but kormos models are Keras 3 models: build them with `import "
+        "keras`, not tf.keras, or unset TF_USE_LEGACY_KERAS.", stacklevel=2,
     )
 if keras.config.backend() != "tensorflow":
     raise ImportError(
@@ -85,18 +73,14 @@ METHODS = (
 _DERIVATIVE_FREE = ("nelder-mead", "powell", "cobyla", "cobyqa")
 _HESSP_METHODS = ("newton-cg", "trust-ncg", "trust-krylov", "trust-constr")
 _HESS_METHODS = ("trust-exact", "dogleg")
-_BOUNDS_METHODS = (
-    *("l-bfgs-b", "tnc", "slsqp", "trust-constr", "powell", "nelder-mead"),
-    *("cobyla", "cobyqa"),
-)
 _CONSTRAINT_METHODS = ("slsqp", "trust-constr", "cobyla", "cobyqa")
+_BOUNDS_METHODS = ("l-bfgs-b", "tnc", "powell", "nelder-mead", *_CONSTRAINT_METHODS)
 # kormos' dense quasi-Newton methods (below), which replace scipy's BFGS.
 _QUASI_NEWTON = ("bfgs", "ssbfgs", "ssbroyden")
-# Methods that hold an n x n float64 matrix: how many of them, roughly.
-_DENSE_MATRICES = {
-    **dict.fromkeys(_QUASI_NEWTON, 2),  # the matrix and the one it started from
-    **{"slsqp": 3, "trust-exact": 4, "dogleg": 3},
-}
+# Methods that hold n x n float64 matrices, and how many (a quasi-Newton
+# method: the matrix and the one it started from).
+_DENSE_MATRICES = {**dict.fromkeys(_QUASI_NEWTON, 2), "slsqp": 3, "trust-exact": 4,
+                   "dogleg": 3}
 # scipy's dense methods do O(n^3) work (or n Hessian-vector products) per
 # iteration: by default they are refused above this many weights.
 _DEFAULT_MAX_CUBIC_PARAMS = 2000
@@ -142,20 +126,11 @@ _QUASI_NEWTON_MESSAGES = (
 )
 
 
-def _bfgs_scaling(a, b, h, n):
-    """Returns `(tau, phi)` of BFGS: no scaling, the BFGS member."""
-    return 1.0, 1.0
-
-
-def _ssbfgs_scaling(a, b, h, n):
-    """Al-Baali's self-scaled BFGS (Urban et al., eq. 11): tau = min(1, 1/b)."""
-    return min(1.0, 1.0 / b), 1.0
-
-
 def _ssbroyden_scaling(a, b, h, n):
-    """The self-scaled Broyden update (Urban et al., eqs. 13-23, after
-    Al-Baali and Khalfan): the Broyden parameter theta taken from its wide
-    interval, tau from theta; phi is theta's member in the inverse form."""
+    """Returns `(tau, phi)` of the self-scaled Broyden update (Urban et al.,
+    eqs. 13-23, after Al-Baali and Khalfan): the Broyden parameter theta taken
+    from its wide interval, tau from theta; phi is theta's member in the
+    inverse form."""
     theta = 0.0  # a = 0: every member of the class is BFGS
     if a > 0:
         c = math.sqrt(a / (1.0 + a))
@@ -170,8 +145,12 @@ def _ssbroyden_scaling(a, b, h, n):
     return tau, (1.0 - theta) / (1.0 + a * theta)
 
 
-_SCALINGS = {"bfgs": _bfgs_scaling, "ssbfgs": _ssbfgs_scaling,
-             "ssbroyden": _ssbroyden_scaling}
+#: `scaling(a, b, h, n) -> (tau, phi)` of each update (see `_InverseHessian`).
+_SCALINGS = {
+    "bfgs": lambda a, b, h, n: (1.0, 1.0),  # no scaling, the BFGS member
+    "ssbfgs": lambda a, b, h, n: (min(1.0, 1.0 / b), 1.0),  # Al-Baali: eq. 11
+    "ssbroyden": _ssbroyden_scaling,
+}
 
 
 class _InverseHessian:
@@ -359,17 +338,11 @@ def _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2):
 
 
 def pack_weights(variables):
-    """Concatenates `variables` into one flat float64 numpy vector.
+    """Returns `variables` (Keras variables, tensors or arrays) as one flat
+    float64 numpy vector: each flattened in C order, in order.
 
     Example: `x = kormos.pack_weights(model.trainable_variables)`, then
     `kormos.unpack_weights(2 * x, model.trainable_variables)`.
-
-    Args:
-        variables: A list of Keras variables (or tensors or arrays).
-
-    Returns:
-        A 1-D `np.ndarray` of dtype float64 holding every scalar of
-        `variables`, in order, each flattened in C order.
     """
     parts = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in variables]
     if not parts:
@@ -378,17 +351,12 @@ def pack_weights(variables):
 
 
 def unpack_weights(x, variables):
-    """Assigns the flat vector `x` back into `variables`, in order.
-
-    The inverse of `pack_weights`. Values are cast to each variable's dtype.
-    Nothing is assigned unless `x` has as many entries as `variables` hold.
-
-    Args:
-        x: A 1-D array-like of size `sum(v.size for v in variables)`.
-        variables: The list of Keras variables to assign into.
+    """Assigns the flat vector `x` back into `variables`, cast to each one's
+    dtype: the inverse of `pack_weights`.
 
     Raises:
-        ValueError: If `x` is not a vector of the right size.
+        ValueError: If `x` is not a vector of the right size (nothing is
+            assigned then).
     """
     x = _as_flat_float64(x, sum(_sizes(variables)))
     for v, part in zip(variables, np.split(x, np.cumsum(_sizes(variables))[:-1])):
@@ -419,10 +387,16 @@ def _as_flat_float64(x, n, argname="x"):
     return x
 
 
+def _unflatten(x, variables):
+    """Splits the float64 tensor `x` into tensors shaped and typed like
+    `variables` (inside a graph); `_assign_flat` assigns them."""
+    parts = tf.split(x, _sizes(variables))
+    return [tf.cast(tf.reshape(p, v.shape), v.dtype) for p, v in zip(parts, variables)]
+
+
 def _assign_flat(x, variables):
-    """Assigns the float64 tensor `x` into `variables` (inside a graph)."""
-    for v, part in zip(variables, tf.split(x, _sizes(variables))):
-        v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+    for v, part in zip(variables, _unflatten(x, variables)):
+        v.assign(part)
 
 
 def _flatten_float64(tensors, variables):
@@ -454,8 +428,7 @@ class _Data:
     `dataset` of them, read at every evaluation."""
 
     def __init__(self, tensors=None, batch_size=None, dataset=None, present=None):
-        self.tensors = tensors
-        self.dataset = dataset
+        self.tensors, self.dataset = tensors, dataset
         self.present = present  # of a distributed dataset: which parts it holds
         self.size = _check_lengths(*tensors) if tensors is not None else None
         self.batch_size = min(batch_size or self.size, self.size) if self.size else None
@@ -488,13 +461,7 @@ def _map_tensors(fn, nest):
 
 def _make_data(model, x, y=None, sample_weight=None, batch_size=None,
                class_weight=None, steps=None, max_bytes=None, argname="x"):
-    """Checks user data in any form Keras' `fit()` takes; returns a `_Data`.
-
-    Raises:
-        ValueError: For an input type that Keras does not take, empty data,
-            mismatched lengths, strings, a dataset of the wrong structure or
-            an infinite one without `steps`.
-    """
+    """Checks user data in any form Keras' `fit()` takes; returns a `_Data`."""
     _check_positive_int(batch_size, "batch_size", "or None (all rows in one batch)")
     if x is None:
         raise ValueError(f"`{argname}` is required. Received: {argname}=None")
@@ -519,9 +486,8 @@ def _make_data(model, x, y=None, sample_weight=None, batch_size=None,
 
 def _is_batch_source(x):
     """True for inputs that yield batches: datasets, PyDatasets, generators."""
-    return isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)) or (
-        inspect.isgenerator(x)
-    )
+    sources = (tf.data.Dataset, keras.utils.PyDataset)
+    return isinstance(x, sources) or inspect.isgenerator(x)
 
 
 def _to_tensors(data, name, dtype):
@@ -744,39 +710,31 @@ def _split_validation(x, y, sample_weight, validation_split):
             f"`validation_split={validation_split}` leaves no training or no "
             f"validation samples out of {size}."
         )
-    return _map_tensors(lambda t: t[:split], arrays), _map_tensors(
-        lambda t: t[split:], arrays
-    )
+    training = _map_tensors(lambda t: t[:split], arrays)
+    return training, _map_tensors(lambda t: t[split:], arrays)
 
 
-def _make_validation(model, validation_data, batch_size, steps, max_bytes):
-    """Returns validation data (in any form Keras takes) as `_Data`."""
-    if _is_batch_source(validation_data):
-        argname = "validation_data"
-        return _make_data(model, validation_data, steps=steps, max_bytes=max_bytes,
+def _make_validation(model, data, batch_size, steps, max_bytes):
+    """Returns `validation_data` (in any form Keras takes) as `_Data`."""
+    argname = "validation_data"
+    if _is_batch_source(data):
+        return _make_data(model, data, steps=steps, max_bytes=max_bytes,
                           argname=argname)
-    if not isinstance(validation_data, (tuple, list)) or not (
-        2 <= len(validation_data) <= 3
-    ):
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
         raise ValueError(
             "`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, "
             "val_sample_weight)`, a `tf.data.Dataset`, a `PyDataset` or a "
-            "generator. Received: validation_data of type "
-            f"{type(validation_data).__name__}"
+            f"generator. Received: validation_data of type {type(data).__name__}"
         )
-    vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
-    return _make_data(model, vx, vy, vsw, batch_size, argname="validation_data")
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(data))
+    return _make_data(model, x, y, sample_weight, batch_size, argname=argname)
 
 
 def _align_targets(y, y_pred):
-    """Aligns `y` to `y_pred`, or raises.
-
-    A target two or more dimensions short of the output gets the output's
-    trailing unit dimensions (y of shape (n,) against an output (n, 1, 1)
-    becomes (n, 1, 1)), so that the loss never broadcasts to (n, 1, n); Keras
-    handles a gap of one itself. A target whose dimension would broadcast
-    against a unit output dimension is an error.
-    """
+    """Aligns `y` to `y_pred`: a target two or more dimensions short of the
+    output gets its trailing unit dimensions ((n,) against (n, 1, 1)), so that
+    the loss never broadcasts to (n, 1, n) (Keras handles a gap of one); a
+    target that would broadcast against a unit output dimension raises."""
     if y is None or tf.nest.is_nested(y) != tf.nest.is_nested(y_pred):
         return y
     try:
@@ -1057,14 +1015,10 @@ class _Objective:
 
     def _hessp_pass(self, x, v, tensors, batch_size, terms):
         _assign_flat(x, self.variables)
-        vs = [
-            tf.cast(tf.reshape(part, w.shape), w.dtype)
-            for part, w in zip(tf.split(v, _sizes(self.variables)), self.variables)
-        ]
+        vs = _unflatten(v, self.variables)
         state = (tf.constant(0.0, tf.float64), tf.zeros([self.size], tf.float64))
-        weight, hv = self._over_batches(
-            terms, self.data, tensors, batch_size, state, vs
-        )
+        data = self.data
+        weight, hv = self._over_batches(terms, data, tensors, batch_size, state, vs)
         hv = self._normalized(weight, hv)
         if self.separate_regularization:
             hv = hv + self._regularization(vs)[0]
@@ -1225,21 +1179,15 @@ def _distributed(data, strategy):
 
 def _dot(grads, vectors):
     """Returns sum(g * v) over a list of gradients, `None` counting as zero."""
-    terms = [
-        tf.reduce_sum(tf.convert_to_tensor(g) * tf.cast(v, g.dtype))
-        for g, v in zip(grads, vectors)
-        if g is not None
-    ]
+    terms = [tf.reduce_sum(tf.convert_to_tensor(g) * tf.cast(v, g.dtype))
+             for g, v in zip(grads, vectors) if g is not None]
     return tf.add_n(terms) if terms else tf.constant(0.0)
 
 
 def _weight_regularization(model):
     """Returns the sum of the weight regularization losses of `model`."""
-    terms = [
-        tf.cast(v.regularizer(v), tf.float64)
-        for v in model.trainable_weights
-        if getattr(v, "regularizer", None) is not None
-    ]
+    terms = [tf.cast(v.regularizer(v), tf.float64) for v in model.trainable_weights
+             if getattr(v, "regularizer", None) is not None]
     return tf.add_n(terms) if terms else tf.constant(0.0, tf.float64)
 
 
@@ -1291,11 +1239,8 @@ def _xla_choice(model, jit_compile, data):
 
 
 def _all_layers(model):
-    """Returns every layer nested in `model`, custom layers' sublayers too.
-
-    Keras 3 has no public recursive walk (`model.layers` lists only the top
-    level), so this uses the private `_flatten_layers`.
-    """
+    """Returns every layer nested in `model`, custom layers' sublayers too:
+    Keras 3 has no public recursive walk, so this uses `_flatten_layers`."""
     return list(model._flatten_layers(include_self=False))
 
 
@@ -1821,24 +1766,15 @@ class _StopRun(Exception):
         self.status, self.message = status, message
 
 
-class _Run:
-    """One solver run of a chain: method, iteration budget, options, pretrain_fn."""
-
-    def __init__(self, method, budget, options, pretrain_fn):
-        self.method, self.budget = method, budget
-        self.options, self.pretrain_fn = options, pretrain_fn  # as given
-        # Where `maxiter` counts iterations it carries the budget; kormos
-        # counts the iterations of the other methods itself.
-        self.maxiter_is_budget = _method_name(method) not in _COUNTED_BY_KORMOS
+class _Run(collections.namedtuple("_Run", "method budget options pretrain_fn")):
+    """One solver run of a chain: method, iteration budget, options (as
+    given) and pretrain_fn."""
 
     def scipy_options(self):
-        """The `options` for scipy: the user's, with the budget as `maxiter`."""
-        budget = {"maxiter": self.budget} if self.maxiter_is_budget else {}
-        return {**(self.options or {}), **budget}
-
-    def after(self, done):
-        """This run without its first `done` iterations (for a resumed fit)."""
-        return _Run(self.method, self.budget - done, self.options, self.pretrain_fn)
+        """The `options` for scipy: the user's, with the budget as `maxiter`
+        where it counts iterations (kormos counts the others' itself)."""
+        counted = _method_name(self.method) in _COUNTED_BY_KORMOS
+        return {**(self.options or {}), **({} if counted else {"maxiter": self.budget})}
 
 
 def _plan_runs(
@@ -1909,7 +1845,7 @@ def _skip_iterations(runs, done):
     remaining = []
     for run in runs:
         if done < run.budget:
-            remaining.append(run.after(done))
+            remaining.append(run._replace(budget=run.budget - done))
         done = max(0, done - run.budget)
     return remaining
 
@@ -2022,7 +1958,7 @@ class _SolverRun:
 
     def _begin_iteration(self):
         self._stop_if_interrupted()
-        if not self.in_iteration and self.listener is not None:
+        if not self.in_iteration:
             self.in_iteration = True
             self.listener.begin_iteration()
 
@@ -2034,8 +1970,6 @@ class _SolverRun:
         self.x, self.last = found.x, (found.loss, found.gradient)
         self.nit += 1
         self.losses = self.losses[-1:] + [found.loss]
-        if self.listener is None:
-            return False
         self._begin_iteration()
         self.in_iteration = False
         return self.optimizer._end_iteration(self.listener, found)
@@ -2173,14 +2107,13 @@ def _explain_float32_stall(result, losses, model):
 class ScipyBatchOptimizer(BatchOptimizer):
     """Trains a model with `scipy.optimize.minimize` on the full data.
 
-    Every method works: gradient methods (`"L-BFGS-B"`, `"BFGS"`, `"CG"`,
-    `"TNC"`, `"SLSQP"`) get the exact gradient; `"Newton-CG"`, `"trust-ncg"`,
-    `"trust-krylov"` and `"trust-constr"` also get exact Hessian-vector
-    products, `"trust-exact"` and `"dogleg"` the dense Hessian (small
-    models), derivative-free methods the loss. `"BFGS"` is scipy's BFGS with
-    an O(n^2) update; `"SSBFGS"` and `"SSBroyden"` are its self-scaled
-    variants (see `METHODS`). The arguments are defaults that `minimize()`
-    and `fit()` may override; their order is kormos 0.1's.
+    Every method works: gradient methods get the exact gradient,
+    `"Newton-CG"`, `"trust-ncg"`, `"trust-krylov"` and `"trust-constr"` also
+    exact Hessian-vector products, `"trust-exact"` and `"dogleg"` the dense
+    Hessian (small models), derivative-free methods the loss. `"BFGS"` is
+    scipy's BFGS with an O(n^2) update, `"SSBFGS"` and `"SSBroyden"` its
+    self-scaled variants. The arguments are defaults that `minimize()` and
+    `fit()` may override; their order is kormos 0.1's.
 
     Example:
 
@@ -2193,9 +2126,8 @@ class ScipyBatchOptimizer(BatchOptimizer):
 
     Args:
         name: Name of the optimizer. Defaults to `"scipy"`.
-        method: A method name of `METHODS` in any case, or a custom
-            minimizer `(fun, x0, args, **kwargs) -> OptimizeResult`.
-            Defaults to `"L-BFGS-B"`.
+        method: A name of `METHODS` in any case, or a custom minimizer
+            `(fun, x0, args, **kwargs) -> OptimizeResult`. Default: L-BFGS-B.
         epochs: The iteration budget. Defaults to `options["maxiter"]`, else 20.
         pretrain_fn: `fn(model)`, called before the solver starts.
         options: Dict for `scipy.optimize.minimize(options=...)`.
@@ -2206,13 +2138,11 @@ class ScipyBatchOptimizer(BatchOptimizer):
             trust-constr, COBYLA, COBYQA). tol: As in scipy.
         max_dense_params: The most weights allowed for methods with dense
             n x n matrices. Defaults to `None`: BFGS, SSBFGS and SSBroyden
-            take any model whose matrices (2 x 8 n^2 bytes) fit in the
-            memory available; SLSQP, trust-exact and dogleg (O(n^3) work per
-            iteration) take up to 2000 weights.
+            take any model whose two matrices fit in memory; SLSQP,
+            trust-exact and dogleg (O(n^3) work per iteration) up to 2000.
         warm_start: With BFGS, SSBFGS or SSBroyden, start each run from the
-            inverse Hessian where the last run of this optimizer ended (in
-            this process; it is not saved), e.g. after resampling the data.
-            Defaults to `False`.
+            inverse Hessian the last run of this optimizer ended with (in
+            this process; it is not saved). Defaults to `False`.
         **kwargs: `batch_size`, `max_cache_entries`, `dtype`,
             `max_dataset_bytes`; see `BatchOptimizer`.
     """
@@ -2244,28 +2174,23 @@ class ScipyBatchOptimizer(BatchOptimizer):
 
     def minimize(self, epochs=None, callback=None, pretrain_fn=None, method=None,
                  options=None, bounds=None, constraints=None, tol=None):
-        """Runs the solver, or a chain of solvers, from the current weights.
+        """Runs the solver, or a chain of solvers, from the current weights;
+        returns the final weights as a flat float64 vector (as kormos 0.1).
 
-        Arguments left `None` take the optimizer's own. `method`, `epochs`,
+        Arguments left `None` take the optimizer's own; `method`, `epochs`,
         `options` and `pretrain_fn` may be lists of equal length to chain
-        solvers, each starting where the last one stopped; `results` holds
-        each run's `scipy.optimize.OptimizeResult`. A run stopped by
-        `callback`, a non-finite loss or Ctrl-C ends at its last iterate (a
-        second Ctrl-C raises KeyboardInterrupt at once).
+        solvers. `results` holds each run's `scipy.optimize.OptimizeResult`.
+        A run stopped by `callback`, a non-finite loss or Ctrl-C ends at its
+        last iterate (a second Ctrl-C raises KeyboardInterrupt at once).
 
         Args:
             epochs: The iteration budget, passed as `options["maxiter"]`
                 (kormos counts the iterations of TNC, COBYLA and COBYQA).
-                Given with a different `maxiter`, `epochs` wins, with a
-                warning; if neither is given, the budget is 20.
+                Defaults to `maxiter`, else 20; a different `maxiter` warns.
             callback: `callback(x) -> bool`, called with each iterate (and
                 the solver's answer, if new); returning `True` stops.
-            pretrain_fn: `fn(model)`, called before the run (e.g. to freeze
-                a layer). method, options, bounds, constraints, tol: As in
+            pretrain_fn, method, options, bounds, constraints, tol: As in
                 the constructor.
-
-        Returns:
-            The final weights as a flat float64 vector, as in kormos 0.1.
 
         Raises:
             ValueError: For arguments the method cannot take, or a loss that
@@ -2646,46 +2571,34 @@ class _BatchOptimizedMixin:
         effect). The solver minimizes `compute_loss` (with `add_loss` terms);
         a `train_step` of the model's own is never called.
 
-        Example:
-
-        ```python
-        model.compile(loss="mse", optimizer="l-bfgs-b", metrics=["mae"])
-        history = model.fit(
-            x, y, epochs=100, validation_split=0.2,
-            callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")],
-        )
-        # Chain solvers: 50 L-BFGS-B iterations, then 10 of Newton-CG.
-        model.fit(x, y, method=["l-bfgs-b", "newton-cg"], epochs=[50, 10])
-        ```
+        Example: 50 L-BFGS-B iterations, then 10 of Newton-CG:
+        `model.fit(x, y, method=["l-bfgs-b", "newton-cg"], epochs=[50, 10])`.
 
         Args:
-            x: Inputs in any form `keras.Model.fit` takes, a dataset,
-                `PyDataset` or generator included; one that fits in the
-                optimizer's `max_dataset_bytes` is read into memory once.
+            x: Inputs in any form `keras.Model.fit` takes; a dataset,
+                `PyDataset` or generator that fits in the optimizer's
+                `max_dataset_bytes` is read into memory once.
             batch_size: Rows per mini-batch of an evaluation: it bounds
-                memory, not the loss. Defaults to the optimizer's (`None`:
-                all rows at once).
+                memory, not the loss. Defaults to the optimizer's.
             epochs: The index of the last epoch, as in Keras: the iteration
                 budget (scipy's `maxiter`) of a fit from epoch 0. A list of
-                budgets chains solvers, and the epochs count through the
-                chain. Defaults to `options["maxiter"]` if given, else 20.
-            initial_epoch: The epoch to start from: the first
-                `initial_epoch` iterations of the chain count as done.
+                budgets chains solvers, the epochs counting through the chain.
+                Defaults to `options["maxiter"]` if given, else 20.
+            initial_epoch: The first `initial_epoch` iterations of the chain
+                count as done.
             method, options, bounds, constraints, tol, pretrain_fn: Override
                 the optimizer's settings for this fit (see
-                `ScipyBatchOptimizer`); lists of equal length chain solvers,
-                each starting where the last one stopped.
+                `ScipyBatchOptimizer`); lists of equal length chain solvers.
 
         Returns:
-            A `keras.callbacks.History` with one row per solver iteration:
-            `loss`, `grad` (the gradient's 2-norm, as in kormos 0.1; `gtol`
-            tests its largest entry for L-BFGS-B, BFGS and CG, which the
-            log's last line shows), `fg_evals`, `hessp_evals`, the compiled
-            metrics on the training data and `val_*` entries.
+            A `History` with one row per solver iteration: `loss`, `grad`
+            (the gradient's 2-norm, as in kormos 0.1; the log's last line
+            shows its largest entry, which `gtol` tests), `fg_evals`,
+            `hessp_evals`, the compiled metrics and `val_*` entries.
 
         Raises:
-            ValueError: For bad data or bad solver arguments, before any
-                weight changes.
+            ValueError: For bad data or solver arguments, before any weight
+                changes.
         """
         optimizer = self.optimizer if getattr(self, "compiled", False) else None
         if not isinstance(optimizer, BatchOptimizer):

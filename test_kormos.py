@@ -218,6 +218,7 @@ def test_no_private_imports_and_private_attributes_only_in_isolated_helpers():
                     if name.startswith("_") and not name.startswith("__") and name not in own:
                         foreign.setdefault(name, set()).add(function.name)
     foreign.pop("_getframe", None)  # sys._getframe: documented CPython API
+    foreign.pop("_replace", None)  # namedtuple._replace: documented Python API
     allowed = {
         attr: {helper} for helper, attrs in PRIVATE_API_HELPERS.items() for attr in attrs
     }
