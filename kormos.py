@@ -1348,16 +1348,14 @@ class BatchOptimizer:
 
     def build(self, model, x=None, y=None, sample_weight=None, batch_size=None,
               class_weight=None, steps=None):
-        """Binds `model` and its training data to this optimizer; returns it.
-
-        `model.fit()` does this itself; call it to use `func_and_grad`,
-        `hessp` or `minimize` directly. It does not change the weights.
+        """Binds a compiled `model` and its training data to this optimizer
+        and returns it, the weights unchanged. `model.fit()` does this itself;
+        call it to use `func_and_grad`, `hessp` or `minimize` directly.
 
         Args:
-            model: A compiled Keras model.
-            x: Inputs in any form `keras.Model.fit()` takes. As in kormos
-                0.1's `build(model, Xyw)`, a tuple `(x, y)` or `(x, y,
-                sample_weight)` with `y` left `None` is unpacked.
+            x: Inputs in any form `keras.Model.fit()` takes; as in kormos
+                0.1's `build(model, Xyw)`, a tuple `(x, y[, sample_weight])`
+                with `y` left `None` is unpacked.
             y, sample_weight, class_weight: As in `fit()`.
             batch_size: Rows per mini-batch. Defaults to the optimizer's.
             steps: The batches of a dataset, `PyDataset` or generator that
@@ -1383,9 +1381,8 @@ class BatchOptimizer:
                 "some of its layers are trainable."
             )
         objective = self._objective
-        if objective is None or objective.model is not model or _ids(
-            objective.variables
-        ) != _ids(model.trainable_variables):
+        if (objective is None or objective.model is not model
+                or _ids(objective.variables) != _ids(model.trainable_variables)):
             objective = _Objective(model, *_xla_choice(model, self._jit_compile, data))
         objective.bind(data, validation)
         self.model, self._objective, self._cache = model, objective, []
@@ -1424,12 +1421,8 @@ class BatchOptimizer:
             self._holds = None
 
     def func_and_grad(self, x):
-        """Returns `(loss, gradient)` at the flat vector `x`: the full-data
-        loss (a float) and its float64 gradient.
-
-        Raises:
-            FloatingPointError: If the loss or the gradient is not finite.
-        """
+        """Returns the full-data loss (a float) and its float64 gradient at the
+        flat vector `x`; raises a FloatingPointError if either is not finite."""
         found = self._finite_evaluation(x)
         return found.loss, found.gradient
 
@@ -1463,8 +1456,7 @@ class BatchOptimizer:
         return 0.5 * (h + h.T)
 
     def _finite_evaluation(self, x):
-        """Returns the `_Evaluation` at `x`, or raises a FloatingPointError
-        if it is not finite."""
+        """Returns the `_Evaluation` at `x`, or raises if it is not finite."""
         found = self._evaluation(x)
         if not found.finite:
             what = "loss" if not np.isfinite(found.loss) else "gradient"
@@ -1788,12 +1780,8 @@ def _plan_runs(
     `options["maxiter"]`, else 20; the budgets of a chain add up, and the
     fit's epochs count through them.
     """
-    given = {
-        "method": optimizer.method if method is None else method,
-        "epochs": optimizer.epochs if epochs is None else epochs,
-        "options": optimizer.options if options is None else options,
-        "pretrain_fn": optimizer.pretrain_fn if pretrain_fn is None else pretrain_fn,
-    }
+    given = dict(method=method, epochs=epochs, options=options, pretrain_fn=pretrain_fn)
+    given = {k: getattr(optimizer, k) if v is None else v for k, v in given.items()}
     lists = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
     lengths = {len(v) for v in lists.values()}
     if len(lengths) > 1:
@@ -2293,12 +2281,10 @@ class ScipyBatchOptimizer(BatchOptimizer):
 
 
 def get(identifier):
-    """Returns the `BatchOptimizer` that `identifier` names.
-
-    `"scipy"` gives `ScipyBatchOptimizer()` (L-BFGS-B), a
-    `scipy.optimize.minimize` method name in any case gives a
-    `ScipyBatchOptimizer` of that method, a `BatchOptimizer` is returned as
-    it is and a serialized one is deserialized.
+    """Returns the `BatchOptimizer` that `identifier` names: `"scipy"` gives
+    `ScipyBatchOptimizer()` (L-BFGS-B), a `scipy.optimize.minimize` method name
+    in any case a `ScipyBatchOptimizer` of that method; a `BatchOptimizer` is
+    returned as it is and a serialized one deserialized.
 
     Raises:
         ValueError: If `identifier` names no batch optimizer.

@@ -1848,6 +1848,21 @@ def test_import_fails_clearly_on_another_keras_backend():
     assert "KERAS_BACKEND=tensorflow" in result.stderr
 
 
+@pytest.mark.slow
+def test_import_warns_when_tf_keras_is_legacy_keras():
+    code = "import warnings; warnings.simplefilter('always'); import kormos"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(kormos.__file__).parent,
+        env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UserWarning: TF_USE_LEGACY_KERAS is set" in result.stderr
+    assert "build them with `import keras`" in result.stderr
+
+
 def test_summed_losses_do_not_depend_on_batch_size(float64):
     x, y = small_data(n=30)
     model = linear_model(d=3, l2=0.1)
