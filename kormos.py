@@ -317,10 +317,8 @@ def _start_inverse_hessian(hess_inv0, n):
 def _wolfe_line_search(f, grad, x, p, g, fval, old_fval, c1, c2):
     """Returns `(alpha, f, previous f, gradient or None)` of scipy's BFGS line
     search (strong Wolfe: MINPACK's, then scipy's own), or None if it fails.
-
-    It is private in scipy (scipy/optimize/_optimize.py,
-    `_line_search_wolfe12`); using it is what gives "bfgs" scipy's iterates.
-    """
+    It is private in scipy (scipy/optimize/_optimize.py, `_line_search_wolfe12`);
+    using it is what gives "bfgs" scipy's iterates."""
     from scipy.optimize import _optimize
 
     try:
@@ -400,11 +398,8 @@ def _assign_flat(x, variables):
 
 
 def _flatten_float64(tensors, variables):
-    """Concatenates gradient-like `tensors` into one float64 vector.
-
-    `None` entries (no gradient path) become zeros of the variable's shape;
-    `IndexedSlices` (from Embedding) are densified.
-    """
+    """Concatenates gradient-like `tensors` into one float64 vector: `None`
+    (no gradient path) as zeros, `IndexedSlices` (Embedding) densified."""
     parts = []
     for t, v in zip(tensors, variables):
         t = tf.zeros(v.shape, tf.float64) if t is None else tf.convert_to_tensor(t)
@@ -579,12 +574,9 @@ def _apply_class_weight(y, sample_weight, class_weight):
 
 
 def _batch_source_data(model, source, class_weight, steps, max_bytes, argname):
-    """Returns the batches of a dataset, `PyDataset` or generator as `_Data`.
-
-    A source that fits in `max_bytes` is read once into in-memory tensors,
-    its own batch size kept; a larger dataset or `PyDataset` is streamed at
-    every evaluation. A generator can be read only once, so it must fit.
-    """
+    """Returns the batches of a dataset, `PyDataset` or generator as `_Data`:
+    read once into memory (its batch size kept) if it fits in `max_bytes`,
+    else streamed at every evaluation (a generator, read once, must fit)."""
 
     def normalize(*batch):
         x, y, sw = keras.utils.unpack_x_y_sample_weight(batch)
@@ -600,11 +592,10 @@ def _batch_source_data(model, source, class_weight, steps, max_bytes, argname):
     if stream is None:
         raise ValueError(
             f"The generator passed as `{argname}` holds more than "
-            f"max_dataset_bytes={max_bytes} bytes, or batches of different "
-            "shapes. A generator can be read only once, and a full-batch "
-            "solver needs every batch at every evaluation: pass a "
-            "`tf.data.Dataset` or a `keras.utils.PyDataset`, or raise the "
-            "optimizer's `max_dataset_bytes`."
+            f"max_dataset_bytes={max_bytes} bytes (or batches of different "
+            "shapes), and a generator can be read only once: pass a "
+            "`tf.data.Dataset` or a `keras.utils.PyDataset`, or raise "
+            "`max_dataset_bytes`."
         )
     return _Data(dataset=stream.map(normalize))
 
@@ -658,11 +649,9 @@ def _py_dataset_as_dataset(py_dataset, count):
 
 
 def _read_into_memory(model, batches, count, max_bytes, normalize, argname):
-    """Joins `batches` into in-memory `_Data`, keeping their batch size.
-
-    Returns None when they hold more than `max_bytes` (estimated from the
-    first batch when `count` is known), or cannot be joined (shapes differ).
-    """
+    """Joins `batches` into in-memory `_Data`, keeping their batch size, or
+    returns None: more than `max_bytes` (estimated from the first batch when
+    `count` is known), or shapes that differ."""
     read, total = [], 0
     for batch in batches:
         batch = _numpy(normalize(*_as_tuple(batch)))
@@ -769,17 +758,13 @@ def _align_target(y, y_pred):
 class _Objective:
     """The full-data loss of a model as compiled functions of its weight vector.
 
-    `fg(x)` assigns the float64 vector `x` to the trainable variables and, in
-    ONE compiled call over every batch, returns the loss, its float64
-    gradient and the compiled metrics; `hessp(x, v)` returns H(x) @ v by
-    reverse-over-reverse differentiation (it works for every layer);
-    `value()` returns the loss and metrics on the validation data at the
-    current weights. The loss is `model.compute_loss` with `training=False`,
-    combined over batches so that `batch_size` does not change it: averaged,
-    weighted by rows, as `evaluate()` does, or summed where every compiled
-    loss sums over samples; weight regularization counts once. Under
-    `tf.distribute`, each batch is split over the replicas with
-    `strategy.run` and their terms are summed.
+    `fg(x)`, `hessp(x, v)` (reverse-over-reverse) and `value()` (validation
+    data, current weights) are each ONE compiled call over every batch. The
+    loss is `model.compute_loss` with `training=False`, combined over batches
+    so that `batch_size` does not change it: averaged, weighted by rows, as
+    `evaluate()` does, or summed where every compiled loss sums over samples;
+    weight regularization counts once. Under `tf.distribute`, each batch is
+    split over the replicas with `strategy.run` and their terms are summed.
     """
 
     def __init__(self, model, xla=False, xla_optional=False):
@@ -815,13 +800,10 @@ class _Objective:
         )
 
     def bind(self, data, validation=None):
-        """Points the compiled functions at the training `data` and at the
-        `validation` data.
-
+        """Points the compiled functions at the training and validation data.
         In-memory data enters them as arguments, so that data of the same
-        shapes reuses their traces, as Keras reuses its train function
-        across `fit()` calls. A dataset is captured: it gets new traces.
-        """
+        shapes reuses their traces (as Keras reuses its train function across
+        `fit()` calls); a dataset is captured, so it gets new traces."""
         self._calls = {}
         if self.distributed:
             data = _distributed(data, self.strategy)
@@ -874,11 +856,9 @@ class _Objective:
 
     def _function(self, kind, whole):
         """Returns the compiled pass and, if XLA may fall back, the plain one.
-
         With XLA, a pass over one in-memory batch is compiled whole (the "mf"
-        row of benchmarks/bench.py, `--ablate whole-xla`); a pass that loops
-        over batches compiles only the batch terms.
-        """
+        row of benchmarks/bench.py, `--ablate whole-xla`), a pass that loops
+        over batches only the batch terms."""
         if (kind, whole) in self._functions:
             return self._functions[kind, whole]
         whole_pass, terms = {
@@ -913,11 +893,8 @@ class _Objective:
     # -- One batch (or one replica's share of it) -----------------------------
 
     def _weighted_loss(self, x, y, sample_weight):
-        """Returns `(w, w * loss, y, y_pred)` of one batch, Dropout off.
-
-        `w` is the batch's weight in the full-data loss: its rows (for
-        losses averaged over samples) or 1 (for losses summed over samples).
-        """
+        """Returns `(w, w * loss, y, y_pred)` of one batch, Dropout off; `w`
+        weighs the batch in the full-data loss: its rows, or 1 (summed losses)."""
         y_pred = self.model(x, training=False)
         y = _align_targets(y, y_pred)
         loss = self._compute_loss(x, y, y_pred, sample_weight)
@@ -1084,12 +1061,9 @@ class _Objective:
         return total / weight if self.weighting == "mean" else total
 
     def _over_batches(self, terms, data, tensors, batch_size, state, *args):
-        """Sums `terms(batch, *args)` over every batch (inside the graph).
-
-        In-memory `tensors` are sliced `batch_size` rows at a time in a
-        `tf.range` loop; the dataset of `data` is iterated. Either way the
-        whole pass is one compiled function.
-        """
+        """Sums `terms(batch, *args)` over every batch, inside the graph:
+        in-memory `tensors` sliced `batch_size` rows at a time in a `tf.range`
+        loop, or the dataset of `data`."""
 
         def add(batch, state):
             batch_terms = self._on_replicas(terms, batch, data.present, *args)
@@ -1130,24 +1104,18 @@ class _Objective:
 
 
 def _concrete(function, args):
-    """Returns the traced concrete function of a `tf.function` for `args`.
-
-    Calling it skips tf.function's argument matching at every evaluation
-    (the "linreg" and "logreg" rows of benchmarks/bench.py, `--ablate
-    concrete-functions`), and its frequent-tracing warning when many
-    optimizers trace the same code.
-    """
+    """Returns the traced concrete function of a `tf.function` for `args`,
+    which skips tf.function's argument matching at every evaluation (the
+    "linreg" and "logreg" rows of benchmarks/bench.py, `--ablate
+    concrete-functions`) and its warning when many optimizers trace."""
     if hasattr(function, "get_concrete_function"):
         return function.get_concrete_function(*args)
     return function
 
 
 def _batch_weighting(model):
-    """Returns how batch losses combine: "mean", "sum", or None if unknown.
-
-    A model that overrides `compute_loss`, or whose compiled losses reduce in
-    different ways (or with "mean_with_sample_weight"), gives None.
-    """
+    """Returns how batch losses combine: "mean", "sum", or None if unknown (a
+    custom `compute_loss`, or compiled losses reduced in different ways)."""
     if type(model).compute_loss is not keras.Model.compute_loss:
         return None
     losses = [keras.losses.get(loss) for loss in tf.nest.flatten(model.loss) if loss]
@@ -1160,11 +1128,8 @@ def _batch_weighting(model):
 
 
 def _distributed(data, strategy):
-    """Returns `data` as a dataset distributed over the replicas.
-
-    Distributed datasets cannot hold `None`, so absent parts (no targets, no
-    sample weights) are dropped; its `present` says where to put them back.
-    """
+    """Returns `data` as a dataset distributed over the replicas, without the
+    absent parts (it cannot hold None); its `present` says where they were."""
     present = tuple(part is not None for part in data.first_batch())
     if data.tensors is not None:
         parts = tuple(p for p in data.tensors if p is not None)
@@ -1210,12 +1175,11 @@ def _xla_choice(model, jit_compile, data):
     """Returns `(xla, optional)`: compile with XLA, and may kormos fall back.
 
     `jit_compile=True` asks for XLA and `False` forbids it. Under `"auto"`,
-    Keras uses XLA on GPUs (where every layer supports it) and never on CPUs;
-    kormos also uses it on CPUs for models with an `Embedding` layer, whose
-    gathers and scatters XLA fuses into the rest of the pass ("mf" row of
-    benchmarks/bench.py), with a fall-back to a plain graph. A layer with
-    `supports_jit=False` or string inputs (which crash XLA's compiler rather
-    than fail) rule XLA out, under `True` with Keras' warning.
+    Keras uses XLA on GPUs and never on CPUs; kormos also uses it on CPUs for
+    models with an `Embedding` layer, whose gathers and scatters XLA fuses
+    ("mf" row of benchmarks/bench.py), falling back to a plain graph. Layers
+    with `supports_jit=False` and string inputs (which crash XLA's compiler)
+    rule XLA out, under `True` with Keras' warning.
     """
     if jit_compile is False or model.run_eagerly:
         return False, False
@@ -1257,13 +1221,11 @@ class BatchOptimizer:
     """Binds a model and its full training data into a scipy-shaped objective.
 
     Over the flat float64 vector `x` of the model's trainable weights it
-    offers what `scipy.optimize.minimize` takes: `func_and_grad(x)`,
-    `func(x)`, `grad(x)`, the exact Hessian-vector product `hessp(x, v)` and
-    the dense Hessian `hess(x)` (small models only). Each evaluation is ONE
-    compiled TensorFlow call over every mini-batch, accumulated in float64.
-    The last `max_cache_entries` evaluations are remembered, so logging an
-    iterate the solver has just evaluated costs nothing. Subclasses
-    implement `minimize()`; see `ScipyBatchOptimizer`.
+    offers `func_and_grad(x)`, `func(x)`, `grad(x)`, the exact Hessian-vector
+    product `hessp(x, v)` and the dense Hessian `hess(x)` (small models).
+    Each evaluation is ONE compiled TensorFlow call over every mini-batch,
+    accumulated in float64; the last `max_cache_entries` are remembered.
+    Subclasses implement `minimize()`; see `ScipyBatchOptimizer`.
 
     Example:
 
@@ -1281,11 +1243,10 @@ class BatchOptimizer:
         max_cache_entries: How many evaluated points to remember. Defaults
             to `2`, enough for every scipy method.
         dtype: The solver's dtype; scipy's solvers work in float64 only.
-        max_dataset_bytes: A finite `tf.data.Dataset`, `PyDataset` or
-            generator of at most this many bytes is read into memory once,
-            so that an evaluation costs what arrays cost; a larger dataset
-            is streamed at every evaluation, and a generator, which can be
-            read only once, must fit. Defaults to 256 MiB.
+        max_dataset_bytes: A finite dataset, `PyDataset` or generator of at
+            most this many bytes is read into memory once; a larger dataset
+            is streamed at every evaluation, and a generator, read only once,
+            must fit. Defaults to 256 MiB.
     """
 
     def __init__(self, name="batchoptimizer", batch_size=None, max_cache_entries=2,
@@ -1521,10 +1482,9 @@ class BatchOptimizer:
                       **given)
 
     def _end_iteration(self, listener, found):
-        """Hands the iterate `found` to the fit loop (`listener`) as scipy's
-        intermediate result with the metrics and the passes so far; returns
-        its answer. Its callbacks may change the weights, so the held point
-        is forgotten."""
+        """Hands the iterate `found` (with the passes so far) to the fit loop,
+        `listener`; returns its answer. Callbacks may change the weights, so
+        the held point is forgotten."""
         iterate = scipy.optimize.OptimizeResult(
             x=found.x, fun=found.loss, jac=found.gradient, metrics=found.metrics,
             nfev=self.fg_evals, nhev=self.hessp_evals,
@@ -1581,11 +1541,9 @@ def _warn(message):
 
 
 def _resolve_bounds(bounds, variables, method):
-    """Returns a `scipy.optimize.Bounds` over the flat vector, or None.
-
-    Merges the user's `bounds` with the lower bounds of 0 that Keras' `NonNeg`
-    constraints imply; other Keras constraints are not boxes (ignored).
-    """
+    """Returns a `scipy.optimize.Bounds` over the flat vector, or None: the
+    user's `bounds` and the lower bounds of 0 that `NonNeg` constraints imply
+    (other Keras constraints are not boxes: ignored, with a warning)."""
     nonneg = [isinstance(v.constraint, keras.constraints.NonNeg) for v in variables]
     for v, box in zip(variables, nonneg):
         if v.constraint is not None and not box:
@@ -1706,23 +1664,18 @@ _STOPPED_EARLY = (_STATUS_INTERRUPTED, _STATUS_NOT_FINITE, _STATUS_STOPPED)
 
 
 class _Interrupts:
-    """Ctrl-C during a fit: stop at the next safe point, keeping the weights.
-
-    Inside `deferred()` (in the main thread) the first SIGINT only sets
-    `requested`, which the solver checks at every evaluation and iteration to
-    end at the last iterate; a second SIGINT raises `KeyboardInterrupt`.
-    """
+    """Ctrl-C during a fit: inside `deferred()` (main thread) the first SIGINT
+    sets `requested`, which ends the solver at its last iterate (checked at
+    every evaluation and iteration); a second raises `KeyboardInterrupt`."""
 
     def __init__(self):
         self.requested, self._depth = False, 0
 
     @contextlib.contextmanager
     def deferred(self):
-        install = (
-            self._depth == 0
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
+        in_main = threading.current_thread() is threading.main_thread()
+        default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        install = self._depth == 0 and in_main and default
         self.requested = self.requested and self._depth > 0
         if install:
             signal.signal(signal.SIGINT, self._on_sigint)
@@ -1745,13 +1698,10 @@ _INTERRUPTS = _Interrupts()
 
 class _StopRun(Exception):
     """Ends a solver run at its last iterate (the one stop path of kormos).
-
-    scipy ends a run cleanly on a StopIteration from its callback only for
-    the methods its `_wrap_callback` wraps (scipy/optimize/_optimize.py; TNC
-    and COBYLA are among those it leaves out, and the set changes between
-    versions), and never from inside an evaluation: kormos raises this from
-    both instead and builds the run's result itself.
-    """
+    scipy stops cleanly on a callback's StopIteration only for the methods its
+    `_wrap_callback` wraps (scipy/optimize/_optimize.py: not TNC or COBYLA,
+    and the set changes between versions), and never inside an evaluation:
+    kormos raises this from both and builds the run's result itself."""
 
     def __init__(self, status, message):
         super().__init__(message)
@@ -1772,14 +1722,10 @@ class _Run(collections.namedtuple("_Run", "method budget options pretrain_fn")):
 def _plan_runs(
     optimizer, method=None, epochs=None, options=None, pretrain_fn=None, warn=True
 ):
-    """Checks the solver arguments and returns a list of `_Run`s.
-
-    Arguments left None take the optimizer's own. Each of `method`, `epochs`,
-    `options` and `pretrain_fn` is a list (one entry per chained run, all of
-    one length) or a value for every run. A run's budget is `epochs`, else
-    `options["maxiter"]`, else 20; the budgets of a chain add up, and the
-    fit's epochs count through them.
-    """
+    """Checks the solver arguments and returns a list of `_Run`s. Arguments
+    left None take the optimizer's own; each is a list (one entry per chained
+    run, all of one length) or a value for every run. A run's budget is
+    `epochs`, else `options["maxiter"]`, else 20."""
     given = dict(method=method, epochs=epochs, options=options, pretrain_fn=pretrain_fn)
     given = {k: getattr(optimizer, k) if v is None else v for k, v in given.items()}
     lists = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
@@ -1839,14 +1785,10 @@ def _skip_iterations(runs, done):
 
 
 class _SolverRun:
-    """One solver run: the callables scipy gets, what they have seen, and the
-    run's result.
-
-    It counts its own evaluations and iterations and keeps the last
-    accepted iterate. Its `listener` hears `begin_iteration()` before an
-    iteration's first evaluation and `end_iteration(iterate)` after it,
-    where a True answer stops the run; `_StopRun` ends the run early.
-    """
+    """One solver run: the callables scipy gets, its own counts, the last
+    accepted iterate, and the run's result. Its `listener` hears
+    `begin_iteration()` before an iteration's first evaluation and
+    `end_iteration(iterate)` after it; a True answer stops the run."""
 
     def __init__(self, optimizer, run, listener):
         self.optimizer, self.run, self.listener = optimizer, run, listener
@@ -2018,12 +1960,11 @@ def _check_dense_size(method, n, limit):
     if limit is None and method not in _QUASI_NEWTON:
         limit = _DEFAULT_MAX_CUBIC_PARAMS
     needed, available = _DENSE_MATRICES[method] * 8 * n * n, _available_memory()
-    if (limit is not None and n > limit) or needed > (available or needed):
-        reason = (
-            f"more than the {available / 1e9:.1f} GB of memory available"
-            if needed > (available or needed)
-            else f"and this model has more than max_dense_params={limit} weights"
-        )
+    too_big = needed > (available or needed)
+    if too_big or (limit is not None and n > limit):
+        reason = f"and this model has more than max_dense_params={limit} weights"
+        if too_big:
+            reason = f"more than the {available / 1e9:.1f} GB of memory available"
         raise ValueError(
             f"Method {method!r} keeps dense {n} x {n} float64 matrices for this "
             f"model's {n} weights: about {needed / 1e9:.1f} GB ({needed} bytes), "
@@ -2052,15 +1993,13 @@ except ImportError:  # optional
 
 def _solver_blas_threads(method):
     """Limits numpy's and scipy's BLAS to one thread while a solver runs,
-    with threadpoolctl where it is installed (else it does nothing).
-
-    A solver's vector (and quasi-Newton matrix-vector) arithmetic is
-    memory-bound, and a second BLAS thread competes with TensorFlow for the
-    cores: in whole fits of the "large" row of benchmarks/bench.py (`--ablate
-    blas-limit`) scipy 1.18's L-BFGS-B routine ran 1.2 x faster with one
-    thread, and scipy 1.11's a third faster on a busy machine (9% slower on
-    an idle one). scipy's methods with O(n^3) matrix products keep them all.
-    """
+    with threadpoolctl where it is installed (else it does nothing): a
+    solver's vector (and matrix-vector) arithmetic is memory-bound, and a
+    second thread competes with TensorFlow for the cores. In whole fits of the
+    "large" row of benchmarks/bench.py (`--ablate blas-limit`) scipy 1.18's
+    L-BFGS-B routine ran 1.2 x faster with one thread, scipy 1.11's a third
+    faster on a busy machine (9% slower on an idle one). scipy's methods with
+    O(n^3) matrix products keep all threads."""
     cubic = method in _DENSE_MATRICES and method not in _QUASI_NEWTON
     if cubic or _threadpoolctl is None:
         return contextlib.nullcontext()
@@ -2071,10 +2010,8 @@ def _explain_float32_stall(result, losses, model):
     """Says so when a float32 model stopped because its loss cannot resolve
     smaller steps: L-BFGS-B's relative-reduction test passed on two equal
     float32 losses, or a line search failed."""
-    if not any(
-        _dtype_name(v) in ("float16", "bfloat16", "float32")
-        for v in model.trainable_variables
-    ):
+    low_precision = ("float16", "bfloat16", "float32")
+    if not any(_dtype_name(v) in low_precision for v in model.trainable_variables):
         return
     # "RELATIVE REDUCTION OF F", or "REL_REDUCTION_OF_F" in older scipy.
     message = str(result.message).lower().replace("_", " ")
@@ -2320,16 +2257,10 @@ def _as_batch_optimizer(identifier):
 
 
 class _FitLoop:
-    """One `fit()` of a model compiled with a batch optimizer.
-
-    Keras' own fit loop (keras/src/backend/tensorflow/trainer.py) with one
-    solver iteration as one epoch. scipy drives the iterations, so the loop
-    is the solver runs' listener: `begin_iteration` before an iteration's
-    first evaluation, `end_iteration` after it. `run` plans the epochs once,
-    `BackupAndRestore`'s resume included, and handles stopping, Ctrl-C and
-    exceptions. Whenever `fit()` returns or raises, the model holds the
-    weights of the last History row (or the starting weights).
-    """
+    """One `fit()`: Keras' own fit loop (keras/src/backend/tensorflow/trainer.py)
+    with one solver iteration as one epoch. scipy drives the iterations, so
+    the loop is the solver runs' listener. Whenever `fit()` returns or raises,
+    the model holds the weights of the last History row (or the first)."""
 
     def __init__(self, model, callbacks, history, validate, validation_freq):
         self.model, self.optimizer = model, model.optimizer
@@ -2363,17 +2294,11 @@ class _FitLoop:
     def end_iteration(self, iterate):
         """Logs one solver iteration as one epoch; returns True to stop."""
         self.optimizer.set_weights(iterate.x)  # callbacks see the model there
-        logs = {
-            "loss": iterate.fun,
-            "grad": float(np.linalg.norm(iterate.jac)),
-            "fg_evals": iterate.nfev,
-            "hessp_evals": iterate.nhev,
-            **iterate.metrics,
-        }
+        grad = float(np.linalg.norm(iterate.jac))
+        logs = {"loss": iterate.fun, "grad": grad, "fg_evals": iterate.nfev,
+                "hessp_evals": iterate.nhev, **iterate.metrics}
         self.callbacks.on_train_batch_end(0, dict(logs))
-        if self.validate is not None and _should_validate(
-            self.epoch, self.validation_freq
-        ):
+        if self.validate and _should_validate(self.epoch, self.validation_freq):
             logs.update(self._validation_logs())
         rows = len(self.history.epoch)
         self.row_weights = {rows: self.row_weights[rows], rows + 1: iterate.x}
@@ -2394,12 +2319,10 @@ class _FitLoop:
 
 
 def _resumed_epoch(model, initial_epoch):
-    """Returns the epoch to start from, after `on_train_begin`.
-
-    `BackupAndRestore` passes the epoch it restored to the fit loop through
-    the private `model._initial_epoch`, which Keras' own `fit()` reads the
-    same way (keras/src/backend/tensorflow/trainer.py).
-    """
+    """Returns the epoch to start from, after `on_train_begin`: the one that
+    `BackupAndRestore` restored, in the private `model._initial_epoch` that
+    Keras' own `fit()` reads (keras/src/backend/tensorflow/trainer.py), else
+    `initial_epoch`."""
     return getattr(model, "_initial_epoch", None) or initial_epoch
 
 
@@ -2431,9 +2354,9 @@ def _make_callbacks(model, callbacks, verbose, epochs):
     for callback in callbacks or []:
         if isinstance(callback, _IGNORED_CALLBACKS):
             _warn(
-                f"{type(callback).__name__} acts on a learning rate or on "
-                "moving averages of the weights, which full-batch solvers do "
-                "not have; it is ignored."
+                f"{type(callback).__name__} acts on a learning rate or on moving "
+                "averages of the weights, which full-batch solvers do not have; "
+                "it is ignored."
             )
         else:
             kept.append(callback)
@@ -2512,16 +2435,12 @@ class _BatchOptimizedMixin:
         """Configures the model for training, by a batch solver or by Keras.
 
         With a `kormos.BatchOptimizer`, `"scipy"` or a `scipy.optimize.minimize`
-        method name (`"l-bfgs-b"`, `"newton-cg"`, ...) as `optimizer`, `fit()`
-        runs that full-batch solver; anything else (`"adam"`,
-        `keras.optimizers.SGD(...)`) goes to `keras.Model.compile`. Every other
-        argument (`loss`, `metrics`, `jit_compile`, ...) means what it means in
-        Keras; under `jit_compile="auto"` a batch optimizer also uses XLA for
-        models with an `Embedding` layer on CPUs. Recompiling keeps the weights.
-
-        Raises:
-            ValueError: If `optimizer` names neither a batch optimizer nor a
-                Keras optimizer.
+        method name as `optimizer`, `fit()` runs that full-batch solver; any
+        other (`"adam"`, ...) goes to `keras.Model.compile`. Other arguments
+        mean what they mean in Keras; under `jit_compile="auto"` a batch
+        optimizer also uses XLA on CPUs for models with an `Embedding` layer.
+        Recompiling keeps the weights. Raises a ValueError if `optimizer` names
+        neither a batch optimizer nor a Keras optimizer.
         """
         batch_optimizer = _as_batch_optimizer(optimizer)
         if batch_optimizer is None:
@@ -2627,10 +2546,9 @@ class _BatchOptimizedMixin:
         """`keras.Model.train_on_batch`; not for a batch optimizer (use `fit`)."""
         if isinstance(getattr(self, "optimizer", None), BatchOptimizer):
             raise RuntimeError(
-                "`train_on_batch()` takes one stochastic optimizer step, and a "
-                "full-batch solver has no such step. Call `fit(x, y, epochs=1)` "
-                "for one solver iteration on that data, or compile with a Keras "
-                "optimizer such as 'adam'."
+                "`train_on_batch()` takes one stochastic step, which a full-batch "
+                "solver does not have: call `fit(x, y, epochs=1)` for one solver "
+                "iteration, or compile with a Keras optimizer such as 'adam'."
             )
         return super().train_on_batch(*args, **kwargs)
 
@@ -2694,12 +2612,9 @@ class BatchOptimizedModel(_BatchOptimizedMixin, keras.Model):
     def __new__(cls, *args, **kwargs):
         # Inputs and outputs that reach keras.Model.__init__ unchanged (no
         # constructor of the subclass's own in between) make it functional.
-        if (
-            cls.__init__ is keras.Model.__init__
-            and _is_functional_call(args, kwargs)
-            and not issubclass(cls, _Functional)
-        ):
-            cls = _with_functional_base(cls)
+        if cls.__init__ is keras.Model.__init__ and not issubclass(cls, _Functional):
+            if _is_functional_call(args, kwargs):
+                cls = _with_functional_base(cls)
         return super().__new__(cls, *args, **kwargs)
 
 
