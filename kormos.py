@@ -920,10 +920,8 @@ class _Objective:
         except ValueError as error:
             if "No loss to compute" not in str(error):
                 raise
-            raise ValueError(
-                "The model has no loss: pass `loss=` to `compile()` or override "
-                "`compute_loss`."
-            ) from None
+            fix = "pass `loss=` to `compile()` or override `compute_loss`"
+            raise ValueError(f"The model has no loss: {fix}.") from None
         if loss is None:
             raise ValueError("`compute_loss` returned None; it must return a scalar.")
         return loss
@@ -969,9 +967,8 @@ class _Objective:
     def _value_pass(self, tensors, batch_size, terms):
         self._reset_metrics()
         zero = tf.constant(0.0, tf.float64)
-        weight, f = self._over_batches(
-            terms, self.validation, tensors, batch_size, (zero, zero)
-        )
+        data, state = self.validation, (zero, zero)
+        weight, f = self._over_batches(terms, data, tensors, batch_size, state)
         f = self._normalized(weight, f)
         if self.separate_regularization:
             f = f + self._regularization()[0]
@@ -1256,9 +1253,8 @@ class BatchOptimizer:
         _check_positive_int(max_dataset_bytes, "max_dataset_bytes")
         if tf.as_dtype(dtype) != tf.float64:
             raise ValueError(
-                "`dtype` must be float64: scipy's solvers work on float64 "
-                "vectors (the model itself may compute in float32). "
-                f"Received: dtype={dtype!r}"
+                "`dtype` must be float64: scipy's solvers work on float64 vectors "
+                f"(the model may compute in float32). Received: dtype={dtype!r}"
             )
         self.name = name
         self.batch_size = batch_size
@@ -2138,10 +2134,8 @@ class ScipyBatchOptimizer(BatchOptimizer):
             _check_solver_arguments(name, bounds, constraints)
             _check_dense_size(name, self._objective.size, self.max_dense_params)
         # Resolved (and checked) before any weight changes, once per method.
-        boxes = {
-            name: _resolve_bounds(bounds, self._objective.variables, name)
-            for name in dict.fromkeys(names)
-        }
+        boxes = {n: _resolve_bounds(bounds, self._objective.variables, n)
+                 for n in dict.fromkeys(names)}
         self.results, self.iterations, self.fg_evals, self.hessp_evals = [], 0, 0, 0
         with _INTERRUPTS.deferred():
             for run, name in zip(runs, names):
@@ -2511,9 +2505,8 @@ class _BatchOptimizedMixin:
                 "`fit_batch()` needs a model compiled with a batch optimizer, "
                 "e.g. `model.compile(loss='mse', optimizer='l-bfgs-b')`."
             )
-        if "train_step" in vars(self) or type(self).train_step is not (
-            keras.Model.train_step
-        ):
+        overridden = type(self).train_step is not keras.Model.train_step
+        if overridden or "train_step" in vars(self):
             _warn(
                 "This model overrides `train_step`, which a full-batch solver "
                 "never calls: kormos minimizes `compute_loss` (and `add_loss` "

@@ -2341,6 +2341,25 @@ def test_bad_input_raises_before_weights_change(case):
         np.testing.assert_array_equal(a, b)
 
 
+def test_fit_without_a_loss_raises_a_value_error_as_keras_does():
+    x, y = regression_data(n=40)
+    errors = {}
+    for optimizer in ("adam", "l-bfgs-b"):
+        model = linear_model(l2=0)
+        model.compile(optimizer=optimizer)
+        before = weights_of(model)
+        with pytest.raises(ValueError) as raised:
+            model.fit(x, y, epochs=2, verbose=0)
+        errors[optimizer] = str(raised.value)
+        for a, b in zip(before, weights_of(model)):
+            np.testing.assert_array_equal(a, b)
+    assert "No loss to compute" in errors["adam"]
+    assert (
+        "The model has no loss: pass `loss=` to `compile()` or override `compute_loss`."
+        in errors["l-bfgs-b"]
+    )
+
+
 def test_float32_precision_loss_warns_to_use_float64():
     x, y = regression_data()
     model = linear_model(l2=0)
