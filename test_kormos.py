@@ -2584,6 +2584,27 @@ def test_quasi_newton_update_keeps_the_secant_equation_symmetry_and_definiteness
             break
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.5, 1.0, 3.0, -0.5])
+def test_quasi_newton_update_is_the_scaled_broyden_class_formula(phi):
+    """Urban et al., eq. 13, written out densely, for Broyden-class members on
+    both sides of BFGS (phi = 1) and a self-scaling tau."""
+    rng = np.random.default_rng(2)
+    n, tau = 9, 0.7
+    a = rng.normal(size=(n, n))
+    start = 0.1 * (a @ a.T / n + np.eye(n))
+    s, g = rng.normal(size=n), rng.normal(size=n)
+    y = s + 0.1 * rng.normal(size=n)
+    inverse = kormos._InverseHessian(start)
+    h = start @ y
+    hg = inverse.update(s, y, h, start @ g, g, 1.0, lambda *_: (tau, phi))
+    ys, yhy = y @ s, y @ h
+    v = s / ys - h / yhy
+    expected = (start - np.outer(h, h) / yhy + phi * yhy * np.outer(v, v)) / tau
+    expected += np.outer(s, s) / ys
+    np.testing.assert_allclose(inverse.symmetric(), expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(hg, expected @ g, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("update", QUASI_NEWTON)
 def test_a_matrix_that_lost_definiteness_restarts_from_the_identity(update):
     """Roundoff can take a long-carried matrix's definiteness; where -H g is
