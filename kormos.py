@@ -920,8 +920,10 @@ class _Objective:
         except ValueError as error:
             if "No loss to compute" not in str(error):
                 raise
-            fix = "pass `loss=` to `compile()` or override `compute_loss`"
-            raise ValueError(f"The model has no loss: {fix}.") from None
+            raise ValueError(
+                "The model has no loss: pass `loss=` to `compile()` or override "
+                "`compute_loss`."
+            ) from None
         if loss is None:
             raise ValueError("`compute_loss` returned None; it must return a scalar.")
         return loss
