@@ -1831,17 +1831,24 @@ def test_fit_inside_a_strategy_scope_equals_fit_without_one(dtype):
         np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=rtol)
 
 
+def python_beside_kormos(code, **environ):
+    """Runs `code` in a new Python process beside kormos.py, with `environ`
+    added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(kormos.__file__).parent,
+        env={**os.environ, **environ},
+    )
+
+
 @pytest.mark.slow
 def test_import_fails_clearly_on_another_keras_backend():
     # Keras' other backends need jax, torch or openvino installed; what kormos
     # checks is `keras.config.backend()`, so the subprocess reports "jax".
     code = "import keras; keras.config.backend = lambda: 'jax'; import kormos"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=Path(kormos.__file__).parent,
-    )
+    result = python_beside_kormos(code)
     assert result.returncode != 0
     assert "ImportError: kormos runs on Keras' TensorFlow backend" in result.stderr
     assert "'jax' backend" in result.stderr
@@ -1851,13 +1858,7 @@ def test_import_fails_clearly_on_another_keras_backend():
 @pytest.mark.slow
 def test_import_warns_when_tf_keras_is_legacy_keras():
     code = "import warnings; warnings.simplefilter('always'); import kormos"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=Path(kormos.__file__).parent,
-        env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
-    )
+    result = python_beside_kormos(code, TF_USE_LEGACY_KERAS="1")
     assert result.returncode == 0, result.stderr
     assert "UserWarning: TF_USE_LEGACY_KERAS is set" in result.stderr
     assert "build them with `import keras`" in result.stderr
